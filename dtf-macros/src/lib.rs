@@ -1,0 +1,264 @@
+//! Procedural macros for [dtf](https://docs.rs/dtf): the `#[dtf::test]` attribute.
+//!
+//! Use this crate through `dtf`, which re-exports the attribute as `dtf::test`; the generated
+//! code refers to `::dtf`, so the crate that uses the attribute must depend on `dtf`.
+
+mod attr;
+mod parse;
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
+use syn::parse::{ParseStream, Parser};
+use syn::spanned::Spanned;
+use syn::{Attribute, Error, Item, ItemFn, ReturnType, Safety, Signature, Visibility};
+
+use crate::attr::{Markers, Options};
+
+/// Marks a function as a dtf test, which runs in a process of its own.
+///
+/// It accepts what std's `#[test]` accepts:
+///
+/// ```ignore
+/// #[dtf::test]
+/// fn plain() {}
+///
+/// #[dtf::test]
+/// #[ignore = "needs network"]
+/// fn with_reason() {}
+///
+/// #[dtf::test]
+/// #[should_panic(expected = "boom")]
+/// fn panics() {
+///     panic!("boom!")
+/// }
+///
+/// #[dtf::test]
+/// fn fallible() -> Result<(), Box<dyn std::error::Error>> {
+///     Ok(())
+/// }
+/// ```
+///
+/// An `async fn` runs on a current-thread tokio runtime of its own:
+///
+/// ```ignore
+/// #[dtf::test]
+/// async fn on_tokio() {
+///     tokio::task::yield_now().await;
+/// }
+/// ```
+///
+/// # Options
+///
+/// | option | example | meaning |
+/// | --- | --- | --- |
+/// | `timeout` | `timeout = "500ms"` | fail the test when it runs longer; a number (`2`, `1.5`) and a unit: `ns`, `us`, `ms`, `s`, `m`, `h` |
+/// | `env` | `env(FOO = "bar", BAZ = "1")` | set these variables in the test's environment; a name that is not an identifier can be a string: `"odd.name" = "1"` |
+/// | `isolation` | `isolation = "process"` | one of `"process"`, `"env"`, `"full"`, `"full-or-env"` |
+/// | `retries` | `retries = 2` | run a failing test up to this many more times |
+/// | `memory` | `memory = "512MiB"` | limit the test's memory; `B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`, `TB`/`TiB` (`KB` = 1000, `KiB` = 1024), or a plain number of bytes |
+///
+/// ```ignore
+/// #[dtf::test(timeout = "2s", env(A = "1"), isolation = "process")]
+/// fn combined() {}
+/// ```
+///
+/// Every value is checked at compile time: a malformed timeout or size, an unknown option or
+/// isolation level, a duplicate option and an `env` value that is not a string are compile errors
+/// that point at the offending token.
+///
+/// # Attribute order
+///
+/// `#[ignore]` and `#[should_panic]` may be written below `#[dtf::test]` (as with std's `#[test]`)
+/// or above it; the attribute reads them and removes them from the function. Other attributes
+/// (doc comments, `#[allow]`, `#[cfg]`, ...) stay on the function, and `#[cfg]` also applies to the
+/// test's registration.
+///
+/// # What it generates
+///
+/// The function stays as written, under its own name, so other code can still call it. An
+/// `async fn` becomes a plain `fn` with the same return type whose body is
+/// `::dtf::__private::block_on(async move { ... })`. Next to the function, the attribute
+/// registers a `dtf::__private::TestDef` through `inventory`, reached as
+/// `::dtf::__private::inventory`, so the crate needs no dependency on `inventory` itself.
+///
+/// # Restrictions
+///
+/// The test must be a free function without parameters, generic parameters or `unsafe`, and its
+/// return type must implement `dtf::__private::TestReturn` (`()` or any `Result<T, E>` with
+/// `E: Debug`). It cannot be an associated function of an `impl` block.
+#[proc_macro_attribute]
+pub fn test(
+    args: proc_macro::TokenStream,
+    item: proc_macro::TokenStream,
+) -> proc_macro::TokenStream {
+    let item = TokenStream::from(item);
+    match expand(args.into(), item.clone()) {
+        Ok(tokens) => tokens.into(),
+        Err(error) => {
+            // Keeping the item avoids follow-up errors wherever it is used.
+            let error = error.into_compile_error();
+            quote!(#error #item).into()
+        }
+    }
+}
+
+/// Checks the attribute's arguments and the function, and generates the function plus its
+/// registration.
+fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let (options, mut function) = match (Options::parse(args), parse_function(item)) {
+        (Ok(options), Ok(function)) => (options, function),
+        (Err(mut first), Err(second)) => {
+            first.combine(second);
+            return Err(first);
+        }
+        (Err(error), Ok(_)) | (Ok(_), Err(error)) => return Err(error),
+    };
+    let markers = Markers::take(&mut function.attrs)?;
+    let registration = registration(&function, &options, &markers);
+    if function.sig.asyncness.take().is_some() {
+        let body = &function.block;
+        *function.block = syn::parse_quote!({ ::dtf::__private::block_on(async move #body) });
+    }
+    Ok(quote! {
+        #function
+        #registration
+    })
+}
+
+/// Parses the item and checks that it can be a test.
+fn parse_function(item: TokenStream) -> syn::Result<ItemFn> {
+    match syn::parse2::<Item>(item.clone()) {
+        Ok(Item::Fn(function)) => {
+            check_signature(&function.sig)?;
+            Ok(function)
+        }
+        _ => Err(Error::new(
+            item_keyword_span(item),
+            "`#[dtf::test]` can only be applied to a function",
+        )),
+    }
+}
+
+/// The span of the first token after the item's attributes and visibility, such as `struct`.
+fn item_keyword_span(item: TokenStream) -> Span {
+    let keyword = |input: ParseStream| {
+        input.call(Attribute::parse_outer)?;
+        input.parse::<Visibility>()?;
+        let span = input.span();
+        input.parse::<TokenStream>()?;
+        Ok(span)
+    };
+    keyword.parse2(item).unwrap_or_else(|_| Span::call_site())
+}
+
+/// Rejects signatures a test cannot have; reports every problem at once.
+fn check_signature(sig: &Signature) -> syn::Result<()> {
+    let mut errors: Vec<Error> = Vec::new();
+    if let Safety::Unsafe(unsafe_token) = &sig.safety {
+        errors.push(Error::new(
+            unsafe_token.span(),
+            "`#[dtf::test]` functions cannot be `unsafe`",
+        ));
+    }
+    if !sig.generics.params.is_empty() {
+        errors.push(Error::new_spanned(
+            &sig.generics,
+            "`#[dtf::test]` functions cannot be generic",
+        ));
+    }
+    if let Some(receiver) = sig.receiver() {
+        errors.push(Error::new_spanned(
+            receiver,
+            "`#[dtf::test]` cannot be applied to methods: a test must be a free function",
+        ));
+    } else if !sig.inputs.is_empty() || sig.variadic.is_some() {
+        let span = match &sig.variadic {
+            Some(variadic) if sig.inputs.is_empty() => variadic.span(),
+            _ => sig.inputs.span(),
+        };
+        errors.push(Error::new(
+            span,
+            "`#[dtf::test]` functions cannot take parameters",
+        ));
+    }
+    match errors.into_iter().reduce(|mut all, error| {
+        all.combine(error);
+        all
+    }) {
+        Some(errors) => Err(errors),
+        None => Ok(()),
+    }
+}
+
+/// The `inventory::submit!` that registers the test's `TestDef`.
+fn registration(function: &ItemFn, options: &Options, markers: &Markers) -> TokenStream {
+    let ident = &function.sig.ident;
+    let name = ident.unraw().to_string();
+    // A `#[cfg]` that removes the function must remove its registration too.
+    let cfgs = function.attrs.iter().filter(|a| a.path().is_ident("cfg"));
+
+    // Spanned at the return type, so that a type that is not a test result is reported there.
+    let result_span = match &function.sig.output {
+        ReturnType::Type(_, ty) => ty.span(),
+        ReturnType::Default => ident.span(),
+    };
+    let result = quote_spanned! {result_span=>
+        ::dtf::__private::TestReturn::into_test_result(#ident())
+    };
+    // Spanned at the name, so that `line!()` is the line of the function rather than the attribute.
+    let location = quote_spanned! {ident.span()=>
+        file: ::core::file!(),
+        line: ::core::line!(),
+    };
+
+    let mut fields = Vec::new();
+    if let Some(reason) = &markers.ignore {
+        fields.push(quote!(ignore: true));
+        if let Some(reason) = reason {
+            fields.push(quote!(ignore_reason: ::core::option::Option::Some(#reason)));
+        }
+    }
+    match &markers.should_panic {
+        Some(None) => fields.push(quote!(should_panic: ::dtf::__private::ShouldPanic::Yes)),
+        Some(Some(text)) => fields.push(quote!(
+            should_panic: ::dtf::__private::ShouldPanic::WithMessage(#text)
+        )),
+        None => {}
+    }
+    if let Some(nanos) = options.timeout_nanos {
+        fields.push(quote!(
+            timeout: ::core::option::Option::Some(::core::time::Duration::from_nanos(#nanos))
+        ));
+    }
+    if let Some(env) = &options.env {
+        let (names, values): (Vec<&String>, Vec<&String>) = env.iter().map(|(n, v)| (n, v)).unzip();
+        fields.push(quote!(env: &[#((#names, #values)),*]));
+    }
+    if let Some(variant) = options.isolation {
+        let variant = syn::Ident::new(variant, Span::call_site());
+        fields.push(quote!(
+            isolation: ::core::option::Option::Some(::dtf::__private::Isolation::#variant)
+        ));
+    }
+    if let Some(retries) = options.retries {
+        fields.push(quote!(retries: ::core::option::Option::Some(#retries)));
+    }
+    if let Some(bytes) = options.memory_bytes {
+        fields.push(quote!(memory: ::core::option::Option::Some(#bytes)));
+    }
+
+    quote! {
+        #(#cfgs)*
+        ::dtf::__private::inventory::submit! {
+            ::dtf::__private::TestDef {
+                module_path: ::core::module_path!(),
+                name: #name,
+                func: || #result,
+                #location
+                #(#fields,)*
+                ..::dtf::__private::TestDef::DEFAULT
+            }
+        }
+    }
+}

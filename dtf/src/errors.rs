@@ -1,0 +1,44 @@
+//! Errors a user can cause, with messages that say what was wrong and what to do. They end a
+//! run before any test starts, with exit code 101 (libtest's code for a failed run).
+
+use thiserror::Error;
+
+/// A run that cannot start.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// An environment variable dtf reads holds a value it cannot use.
+    #[error("invalid {var}={value:?}: {message}")]
+    BadEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A flag holds a value dtf cannot use.
+    #[error("invalid {flag}: {message}")]
+    BadFlag {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Isolation level `full` was asked for and the kernel refuses namespaces.
+    #[error(
+        "isolation level `full` is not available: {reason}\n\
+         help: allow unprivileged user namespaces (e.g. `sysctl -w kernel.unprivileged_userns_clone=1`, \
+         or on Ubuntu `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`), \
+         or run with `--isolation full-or-env` (DTF_ISOLATION=full-or-env) to fall back to level `env`"
+    )]
+    NamespacesRefused {
+        /// What the kernel said.
+        reason: String,
+    },
+    /// Distributed mode could not start.
+    #[error("{0}")]
+    Workers(String),
+    /// The runtime could not start.
+    #[error("cannot start the test runner: {0}")]
+    Runtime(std::io::Error),
+}

@@ -1,0 +1,280 @@
+//! What `dtf::main!()` runs: the child role when this process was started for one test,
+//! otherwise the parent role (parse the command line, select, plan, run, report, exit).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::__private::Package;
+use crate::cli::{self, Args, Color, Format};
+use crate::errors::Error;
+use crate::outcome::{Status, TestReport};
+use crate::plan::{Defaults, Plan, Selected, Selection};
+use crate::registry::{Isolation, Registry};
+use crate::report::{Reporters, RunInfo, Summary, pretty::Pretty};
+use crate::runner::{self, Ending, LocalOptions};
+use crate::sandbox::{Sandbox, child, env, namespaces};
+
+/// libtest's exit code for a failed run.
+pub const EXIT_FAILED: i32 = 101;
+
+/// Runs the binary's role to the end.
+pub fn run(package: Package) -> ! {
+    if let Some(spec) = child::take_spec() {
+        child::run(&Registry::collect(), spec);
+    }
+    let code = match parent(package) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
+}
+
+fn parent(package: Package) -> Result<i32, Error> {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return Ok(if e.use_stderr() { EXIT_FAILED } else { 0 });
+        }
+    };
+    let registry = Registry::collect();
+    let selection = Selection {
+        filters: args.filters.clone(),
+        exact: args.exact,
+        skip: args.skip.clone(),
+        only_ignored: args.ignored,
+        include_ignored: args.include_ignored,
+        exclude_should_panic: args.exclude_should_panic,
+    };
+    let (selected, filtered_out) = selection.apply(&registry);
+    if args.list {
+        list(&selected, args.format() == Format::Terse);
+        return Ok(0);
+    }
+
+    let config = Config::new(&args, package)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    runtime.block_on(run_tests(&args, &config, &selected, filtered_out))
+}
+
+/// Everything the run reads from flags and the environment, validated.
+struct Config {
+    slots: usize,
+    defaults: Defaults,
+    keep_tmp: bool,
+    slow: Duration,
+    color: bool,
+}
+
+impl Config {
+    fn new(args: &Args, package: Package) -> Result<Config, Error> {
+        let slots = match (&args.test_threads, env_var("RUST_TEST_THREADS")) {
+            (Some(n), _) => cli::parse_threads(n, "--test-threads").map_err(|message| {
+                Error::BadFlag {
+                    flag: "--test-threads",
+                    message,
+                }
+            })?,
+            (None, Some(n)) => cli::parse_threads(&n, "RUST_TEST_THREADS").map_err(|message| {
+                Error::BadEnv {
+                    var: "RUST_TEST_THREADS",
+                    value: n.clone(),
+                    message,
+                }
+            })?,
+            (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let isolation = match args.isolation {
+            Some(level) => level,
+            None => parse_env("DTF_ISOLATION", |s| s.parse())?.unwrap_or(Isolation::Env),
+        };
+        let timeout = match args.timeout {
+            Some(t) => Some(t),
+            None => parse_env("DTF_TIMEOUT", cli::parse_duration)?,
+        };
+        let memory = match args.memory {
+            Some(m) => Some(m),
+            None => parse_env("DTF_MEMORY", cli::parse_size)?,
+        };
+        let retries = match args.retries {
+            Some(r) => r,
+            None => parse_env("DTF_RETRIES", |s| {
+                s.parse::<u32>()
+                    .map_err(|_| "expected a whole number of retries, such as 2".to_owned())
+            })?
+            .unwrap_or(0),
+        };
+        let nocapture = args.nocapture || env_var("RUST_TEST_NOCAPTURE").is_some_and(|v| v != "0");
+        let color = match args.color {
+            Color::Always => true,
+            Color::Never => false,
+            Color::Auto => {
+                use std::io::IsTerminal;
+                std::io::stdout().is_terminal() && env_var("NO_COLOR").is_none()
+            }
+        };
+        let cwd = PathBuf::from(package.manifest_dir);
+        Ok(Config {
+            slots,
+            defaults: Defaults {
+                isolation,
+                full_becomes: Isolation::Full,
+                timeout,
+                memory,
+                retries,
+                capture: !nocapture,
+                cwd: cwd.is_dir().then_some(cwd),
+                parent_env: std::env::vars().collect(),
+                pass_env: env_var(env::PASS_ENV_VAR)
+                    .map(|v| env::parse_pass_env(&v))
+                    .unwrap_or_default(),
+            },
+            keep_tmp: env_var("DTF_KEEP_TMP").is_some_and(|v| v != "0"),
+            slow: args.slow.unwrap_or(Duration::from_secs(60)),
+            color,
+        })
+    }
+}
+
+async fn run_tests(
+    args: &Args,
+    config: &Config,
+    selected: &[Selected<'_>],
+    filtered_out: usize,
+) -> Result<i32, Error> {
+    let mut defaults = config.defaults.clone();
+    if Plan::needs_namespaces(selected, &defaults) {
+        if let Err(reason) = namespaces::probe() {
+            let wants_fallback = defaults.isolation == Isolation::FullOrEnv
+                || selected.iter().any(|s| s.test.def.isolation == Some(Isolation::FullOrEnv));
+            let insists = selected.iter().any(|s| {
+                s.runs && s.test.def.isolation.unwrap_or(defaults.isolation) == Isolation::Full
+            });
+            if insists && !wants_fallback {
+                return Err(Error::NamespacesRefused { reason });
+            }
+            eprintln!(
+                "warning: isolation level `full` is not available ({reason}); running at level `env` instead"
+            );
+            defaults.full_becomes = Isolation::Env;
+        }
+    }
+    let plan = Plan::new(selected, &defaults);
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Workers(format!("cannot find this test binary: {e}")))?;
+
+    let mut reporters = Reporters::default();
+    let format = args.format();
+    reporters.push(Box::new(Pretty::new(
+        crate::report::stdout(),
+        format == Format::Terse,
+        config.color,
+        args.show_output,
+    )));
+
+    let started = Instant::now();
+    let info = RunInfo {
+        suite: suite_name(&exe),
+        total: selected.len(),
+        filtered_out,
+        slots: config.slots,
+    };
+    reporters.run_started(&info);
+    let mut summary = Summary {
+        filtered_out,
+        ..Summary::default()
+    };
+    for s in selected.iter().filter(|s| !s.runs) {
+        let report = TestReport {
+            name: s.test.name.clone(),
+            status: Status::Ignored {
+                reason: s.test.def.ignore_reason.map(str::to_owned),
+            },
+            attempts: Vec::new(),
+            rerun_after_lost_worker: false,
+        };
+        reporters.test_finished(&report);
+        summary.add(&report);
+    }
+
+    let order: Vec<usize> = (0..plan.tests.len()).collect();
+    let sandbox = Sandbox::new(exe, std::env::temp_dir(), config.keep_tmp);
+    let options = LocalOptions {
+        slots: config.slots,
+        fail_fast: args.fail_fast,
+        slow: config.slow,
+    };
+    let (reports, ending) = runner::run_local(&plan, order, &sandbox, &options, &mut reporters).await;
+    for report in &reports {
+        summary.add(report);
+    }
+    summary.duration = started.elapsed();
+    reporters.run_finished(&summary);
+    Ok(match ending {
+        Ending::Interrupted(signal) => 128 + signal,
+        Ending::Completed if summary.success(args.flaky_fails) => 0,
+        Ending::Completed => EXIT_FAILED,
+    })
+}
+
+/// Prints the test list as libtest does: `NAME: test` lines, then (except in terse format) a
+/// blank line and the count. A closed stdout ends the list quietly.
+fn list(selected: &[Selected<'_>], terse: bool) {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut write = || -> std::io::Result<()> {
+        for s in selected {
+            writeln!(out, "{}: test", s.test.name)?;
+        }
+        if !terse {
+            let n = selected.len();
+            let noun = if n == 1 { "test" } else { "tests" };
+            writeln!(out, "\n{n} {noun}, 0 benchmarks")?;
+        }
+        out.flush()
+    };
+    let _ = write();
+}
+
+/// The binary's name without cargo's hash suffix: `shell-1a2b3c4d` → `shell`.
+fn suite_name(exe: &std::path::Path) -> String {
+    let stem = exe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+            name.to_owned()
+        }
+        _ => stem,
+    }
+}
+
+/// A non-empty environment variable.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn parse_env<T>(
+    var: &'static str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, Error> {
+    match env_var(var) {
+        None => Ok(None),
+        Some(value) => parse(&value).map(Some).map_err(|message| Error::BadEnv {
+            var,
+            value,
+            message,
+        }),
+    }
+}

@@ -1,0 +1,100 @@
+//! # dtf — a distributed, process-per-test harness for Rust
+//!
+//! Replace `#[test]` with `#[dtf::test]`, set `harness = false` on the test target and end it
+//! with `dtf::main!();`. Every test then runs in its own fresh process with a hermetic
+//! environment (a cleared environment plus an allowlist, a private `HOME` and `TMPDIR`), and
+//! `cargo test` keeps libtest's flags, output and exit codes.
+//!
+//! ```ignore
+//! #[dtf::test]
+//! fn sets_home() {
+//!     unsafe { std::env::set_var("HOME", "/nowhere") };
+//!     assert_eq!(std::env::var("HOME").unwrap(), "/nowhere");
+//! }
+//!
+//! dtf::main!();
+//! ```
+//!
+//! See the README for the isolation levels, the CLI and distributed mode.
+
+pub use dtf_macros::test;
+
+pub mod cli;
+pub mod errors;
+mod harness;
+pub mod outcome;
+pub mod plan;
+pub mod registry;
+pub mod report;
+pub mod runner;
+pub mod sandbox;
+pub mod scheduler;
+
+pub use registry::{Isolation, ShouldPanic, TestDef};
+
+/// Generates the `main` function of a dtf test binary.
+///
+/// Put `dtf::main!();` at the root of a test target with `harness = false`, or
+/// `#[cfg(test)] dtf::main!();` at the root of a library whose `[lib]` has `harness = false`.
+#[macro_export]
+macro_rules! main {
+    () => {
+        fn main() {
+            $crate::__private::run_main($crate::__private::Package {
+                manifest_dir: ::core::env!("CARGO_MANIFEST_DIR"),
+                name: ::core::env!("CARGO_PKG_NAME"),
+            })
+        }
+    };
+}
+
+/// Items used by the code that `#[dtf::test]` and `dtf::main!()` generate. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{Isolation, ShouldPanic, TestDef};
+    pub use inventory;
+
+    /// Facts about the package that holds the test binary, captured at its compile time.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Package {
+        /// `CARGO_MANIFEST_DIR` of the test's package: the working directory of each test.
+        pub manifest_dir: &'static str,
+        /// `CARGO_PKG_NAME`.
+        pub name: &'static str,
+    }
+
+    /// Turns what a test function returns into pass or fail, like std's `Termination`.
+    pub trait TestReturn {
+        /// `Ok` when the test passed, `Err(message)` when it returned a failure.
+        fn into_test_result(self) -> Result<(), String>;
+    }
+
+    impl TestReturn for () {
+        fn into_test_result(self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    impl<T, E: std::fmt::Debug> TestReturn for Result<T, E> {
+        fn into_test_result(self) -> Result<(), String> {
+            match self {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        }
+    }
+
+    /// Runs an `async fn` test body on a fresh current-thread tokio runtime.
+    pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("dtf: cannot start a tokio runtime for the test: {e}"));
+        runtime.block_on(future)
+    }
+
+    /// The entry point behind `dtf::main!()`.
+    pub fn run_main(package: Package) -> ! {
+        crate::harness::run(package)
+    }
+}

@@ -1,0 +1,341 @@
+//! What happened to a test: the typed result of one attempt, the captured output, and the final
+//! status of a test after all its attempts.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why one attempt of a test failed. Every variant but [`Failure::System`] and
+/// [`Failure::WorkerLost`] is the test's own fault; those two are the infrastructure's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Failure {
+    /// The test panicked (the panic message is already in its captured stderr).
+    Panicked {
+        /// The panic payload, when it was a string.
+        message: String,
+    },
+    /// A `Result`-returning test returned `Err`.
+    ReturnedErr {
+        /// `Debug` of the error.
+        message: String,
+    },
+    /// `#[should_panic]` test that returned normally.
+    DidNotPanic,
+    /// `#[should_panic(expected = ..)]` test whose panic message lacked the expected text.
+    WrongPanic {
+        /// What the test panicked with.
+        message: String,
+        /// What it was expected to contain.
+        expected: String,
+    },
+    /// The process exited before the test finished (e.g. it called `std::process::exit`).
+    ExitedEarly {
+        /// The exit code.
+        code: i32,
+    },
+    /// The process was killed by a signal.
+    Signaled {
+        /// The signal number.
+        signal: i32,
+    },
+    /// The test ran longer than its timeout; its process group was killed.
+    TimedOut {
+        /// The timeout that was exceeded.
+        after: Duration,
+    },
+    /// The test allocated past its memory limit.
+    MemoryLimit {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The worker running the test was lost too many times.
+    WorkerLost {
+        /// How many workers were lost while running it.
+        times: u32,
+    },
+    /// The test could not be run at all (sandbox set-up failed, binary missing, ...).
+    System {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Failure {
+    /// True for failures of the infrastructure rather than of the test itself: these are
+    /// retried on another worker, never counted against the test's retries.
+    pub fn is_system(&self) -> bool {
+        matches!(self, Failure::System { .. })
+    }
+
+    /// True when the reason is already visible in the test's captured output (a panic message
+    /// or the `Error: ..` line), so reports need not repeat it.
+    pub fn is_in_output(&self) -> bool {
+        matches!(self, Failure::Panicked { .. } | Failure::ReturnedErr { .. })
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Panicked { message } => write!(f, "panicked: {message}"),
+            Failure::ReturnedErr { message } => write!(f, "returned Err: {message}"),
+            Failure::DidNotPanic => f.write_str("test did not panic as expected"),
+            Failure::WrongPanic { message, expected } => write!(
+                f,
+                "panic did not contain expected string\n      panic message: {message:?}\n expected substring: {expected:?}"
+            ),
+            Failure::ExitedEarly { code } => {
+                write!(f, "exited with code {code} before the test finished")
+            }
+            Failure::Signaled { signal } => {
+                write!(f, "killed by signal {signal} ({})", signal_name(*signal))
+            }
+            Failure::TimedOut { after } => write!(f, "timed out after {}", format_duration(*after)),
+            Failure::MemoryLimit { limit } => write!(
+                f,
+                "exceeded its memory limit of {} (an allocation failed)",
+                format_size(*limit)
+            ),
+            Failure::WorkerLost { times } => write!(
+                f,
+                "the worker running it was lost {times} times; giving up on this test"
+            ),
+            Failure::System { message } => write!(f, "could not run the test: {message}"),
+        }
+    }
+}
+
+/// The name of a signal number, e.g. `SIGSEGV` for 11.
+pub fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("signal {signal}"))
+}
+
+/// Formats a duration the way users write it: `500ms`, `2s`, `1.5s`, `1m`, `90s`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        format!("{}us", d.as_micros())
+    } else if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{:.3}s", d.as_secs_f64())
+            .trim_end_matches('0')
+            .to_owned()
+    }
+}
+
+/// Formats a byte count with binary units: `512MiB`, `1GiB`, `1536KiB`, `100B`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if bytes >= size && bytes % size == 0 {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// Which stream a piece of captured output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A test's captured output, in the order it was read, capped in size.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Output {
+    /// The pieces as they arrived.
+    pub chunks: Vec<(Stream, Vec<u8>)>,
+    /// Bytes dropped past the cap.
+    pub truncated: u64,
+}
+
+impl Output {
+    /// Appends a piece, dropping whatever would exceed `cap` bytes in total.
+    pub fn push(&mut self, stream: Stream, bytes: &[u8], cap: usize) {
+        let room = cap.saturating_sub(self.len());
+        let kept = bytes.len().min(room);
+        self.truncated += (bytes.len() - kept) as u64;
+        if kept == 0 {
+            return;
+        }
+        match self.chunks.last_mut() {
+            Some((s, buf)) if *s == stream => buf.extend_from_slice(&bytes[..kept]),
+            _ => self.chunks.push((stream, bytes[..kept].to_vec())),
+        }
+    }
+
+    /// Total bytes kept.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    /// True when nothing was captured.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.truncated == 0
+    }
+
+    /// Both streams interleaved as they arrived, with a note when output was cut.
+    pub fn combined(&self) -> Vec<u8> {
+        let mut all = Vec::with_capacity(self.len());
+        for (_, bytes) in &self.chunks {
+            all.extend_from_slice(bytes);
+        }
+        self.append_truncation_note(&mut all);
+        all
+    }
+
+    /// One stream alone, with a note when output was cut.
+    pub fn stream(&self, which: Stream) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (s, bytes) in &self.chunks {
+            if *s == which {
+                out.extend_from_slice(bytes);
+            }
+        }
+        if !out.is_empty() {
+            self.append_truncation_note(&mut out);
+        }
+        out
+    }
+
+    fn append_truncation_note(&self, out: &mut Vec<u8>) {
+        if self.truncated > 0 {
+            if !out.ends_with(b"\n") && !out.is_empty() {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(
+                format!(
+                    "[dtf: output truncated, {} more bytes were not kept]\n",
+                    self.truncated
+                )
+                .as_bytes(),
+            );
+        }
+    }
+}
+
+/// The result of running one attempt of a test in a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// `None` when the test passed.
+    pub failure: Option<Failure>,
+    /// How long the process ran.
+    pub duration: Duration,
+    /// What it printed (empty when output was not captured).
+    pub output: Output,
+    /// The worker that ran it (`None` for local runs).
+    pub worker: Option<String>,
+    /// Where the test's temporary directory was kept, when it was (`DTF_KEEP_TMP=1`).
+    pub kept_tmp: Option<String>,
+}
+
+impl Attempt {
+    /// True when the attempt passed.
+    pub fn passed(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+/// How a test ended after all its attempts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Passed on the first attempt.
+    Passed,
+    /// Failed, then passed on a retry.
+    Flaky,
+    /// Failed every attempt.
+    Failed,
+    /// Not run because of `#[ignore]`.
+    Ignored {
+        /// `#[ignore = "reason"]`.
+        reason: Option<String>,
+    },
+    /// Not run because the run stopped early (`--fail-fast`).
+    NotRun,
+}
+
+/// A test's final report: its status and every attempt.
+#[derive(Clone, Debug)]
+pub struct TestReport {
+    /// The test's full name.
+    pub name: String,
+    /// How it ended.
+    pub status: Status,
+    /// Every attempt, in order (empty for ignored and not-run tests).
+    pub attempts: Vec<Attempt>,
+    /// True when at least one attempt was rerun because its worker was lost.
+    pub rerun_after_lost_worker: bool,
+}
+
+impl TestReport {
+    /// The last attempt, which decided the status.
+    pub fn last(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// Total time over all attempts.
+    pub fn duration(&self) -> Duration {
+        self.attempts.iter().map(|a| a.duration).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_read_as_the_issue_spells_them() {
+        assert_eq!(
+            Failure::ExitedEarly { code: 0 }.to_string(),
+            "exited with code 0 before the test finished"
+        );
+        assert_eq!(
+            Failure::Signaled { signal: 11 }.to_string(),
+            "killed by signal 11 (SIGSEGV)"
+        );
+        assert_eq!(
+            Failure::Signaled { signal: 6 }.to_string(),
+            "killed by signal 6 (SIGABRT)"
+        );
+        assert_eq!(
+            Failure::TimedOut {
+                after: Duration::from_millis(500)
+            }
+            .to_string(),
+            "timed out after 500ms"
+        );
+    }
+
+    #[test]
+    fn durations_and_sizes_format_compactly() {
+        assert_eq!(format_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_size(512 << 20), "512MiB");
+        assert_eq!(format_size(1000), "1000B");
+    }
+
+    #[test]
+    fn output_is_capped_with_a_note() {
+        let mut out = Output::default();
+        out.push(Stream::Stdout, b"hello ", 8);
+        out.push(Stream::Stderr, b"world", 8);
+        assert_eq!(out.len(), 8);
+        assert_eq!(out.truncated, 3);
+        let all = String::from_utf8(out.combined()).unwrap();
+        assert!(all.starts_with("hello wo\n[dtf: output truncated, 3 more bytes"));
+        assert_eq!(out.stream(Stream::Stdout), b"hello \n[dtf: output truncated, 3 more bytes were not kept]\n");
+    }
+}

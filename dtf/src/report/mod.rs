@@ -1,0 +1,138 @@
+//! Reporters: turn the run's events into libtest's pretty and terse output (and, in sibling
+//! modules, JSON and JUnit). Every reporter sees the same events in the same order.
+
+pub mod pretty;
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use crate::outcome::{Status, TestReport};
+
+/// Facts about the run, known before any test starts.
+#[derive(Clone, Debug, Default)]
+pub struct RunInfo {
+    /// The binary's name (the JUnit suite name).
+    pub suite: String,
+    /// Tests selected (to run or to report as ignored).
+    pub total: usize,
+    /// Tests removed by filters.
+    pub filtered_out: usize,
+    /// Tests that may run at once.
+    pub slots: usize,
+}
+
+/// The counts of a finished run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Passed on the first attempt, plus flaky tests.
+    pub passed: usize,
+    /// Failed every attempt.
+    pub failed: usize,
+    /// Ignored.
+    pub ignored: usize,
+    /// Passed after failing (included in `passed`).
+    pub flaky: usize,
+    /// Never ran (the run stopped early).
+    pub not_run: usize,
+    /// Filtered out.
+    pub filtered_out: usize,
+    /// Wall time of the run.
+    pub duration: Duration,
+    /// Extra lines dtf prints after the summary (distributed runs, notices).
+    pub notes: Vec<String>,
+}
+
+impl Summary {
+    /// Counts one finished test.
+    pub fn add(&mut self, report: &TestReport) {
+        match report.status {
+            Status::Passed => self.passed += 1,
+            Status::Flaky => {
+                self.passed += 1;
+                self.flaky += 1;
+            }
+            Status::Failed => self.failed += 1,
+            Status::Ignored { .. } => self.ignored += 1,
+            Status::NotRun => self.not_run += 1,
+        }
+    }
+
+    /// The run's success, as the exit code sees it.
+    pub fn success(&self, flaky_fails: bool) -> bool {
+        self.failed == 0 && self.not_run == 0 && !(flaky_fails && self.flaky > 0)
+    }
+}
+
+/// Receives the events of a run.
+pub trait Reporter {
+    /// Before any test starts.
+    fn run_started(&mut self, info: &RunInfo) -> io::Result<()>;
+    /// A test's first attempt started.
+    fn test_started(&mut self, _name: &str) -> io::Result<()> {
+        Ok(())
+    }
+    /// A test has run longer than the slow threshold.
+    fn test_slow(&mut self, _name: &str, _threshold: Duration) -> io::Result<()> {
+        Ok(())
+    }
+    /// A test is done (all its attempts), or was ignored, or will not run.
+    fn test_finished(&mut self, report: &TestReport) -> io::Result<()>;
+    /// After the last test.
+    fn run_finished(&mut self, summary: &Summary) -> io::Result<()>;
+}
+
+/// Sends every event to several reporters. A reporter whose output is gone (a closed pipe)
+/// is dropped quietly; the others go on.
+#[derive(Default)]
+pub struct Reporters {
+    reporters: Vec<Box<dyn Reporter>>,
+}
+
+impl Reporters {
+    /// Adds a reporter.
+    pub fn push(&mut self, reporter: Box<dyn Reporter>) {
+        self.reporters.push(reporter);
+    }
+
+    fn each(&mut self, mut f: impl FnMut(&mut dyn Reporter) -> io::Result<()>) {
+        self.reporters.retain_mut(|r| match f(r.as_mut()) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => false,
+            Err(e) => {
+                eprintln!("dtf: cannot write a report: {e}");
+                false
+            }
+        });
+    }
+
+    /// See [`Reporter::run_started`].
+    pub fn run_started(&mut self, info: &RunInfo) {
+        self.each(|r| r.run_started(info));
+    }
+
+    /// See [`Reporter::test_started`].
+    pub fn test_started(&mut self, name: &str) {
+        self.each(|r| r.test_started(name));
+    }
+
+    /// See [`Reporter::test_slow`].
+    pub fn test_slow(&mut self, name: &str, threshold: Duration) {
+        self.each(|r| r.test_slow(name, threshold));
+    }
+
+    /// See [`Reporter::test_finished`].
+    pub fn test_finished(&mut self, report: &TestReport) {
+        self.each(|r| r.test_finished(report));
+    }
+
+    /// See [`Reporter::run_finished`].
+    pub fn run_finished(&mut self, summary: &Summary) {
+        self.each(|r| r.run_finished(summary));
+    }
+}
+
+/// Writes text to stdout through a locked handle, returning errors instead of panicking (so a
+/// closed pipe ends the output quietly).
+pub fn stdout() -> Box<dyn Write + Send> {
+    Box::new(io::stdout())
+}

@@ -1,0 +1,373 @@
+//! The sandbox: builds and runs one isolated child process for one test, and the child-side
+//! code that runs inside it. Local runs and `dtf-worker` both use this module.
+//!
+//! The parent re-executes the test binary with the variable [`CHILD_VAR`] describing the test.
+//! The child's stdin is the write end of a pipe: the child moves it to a close-on-exec
+//! descriptor, replaces stdin with `/dev/null`, runs the test and writes one [`ChildReport`]
+//! there. Whatever the test prints cannot forge that report. The child leads its own process
+//! group, so a timeout or a cancelled run kills every process the test started.
+
+pub mod child;
+pub mod env;
+pub mod namespaces;
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::outcome::{Attempt, Failure, Output, Stream};
+use crate::registry::Isolation;
+
+/// The variable that puts a re-executed test binary in the child role. It holds a
+/// JSON-encoded [`ChildSpec`] and is removed from the environment before the test runs.
+pub const CHILD_VAR: &str = "__DTF_CHILD";
+
+/// The default cap on a test's captured output (both streams together).
+pub const OUTPUT_CAP: usize = 4 << 20;
+
+/// How long the parent waits for a test's output pipes to close after its process exited
+/// (a process that escaped the test's process group may hold them open).
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// What the child needs to know to run its test.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChildSpec {
+    /// The test's full name.
+    pub test: String,
+    /// The isolation level to establish before running it (`process`, `env` or `full`).
+    pub isolation: Isolation,
+    /// A memory limit in bytes.
+    pub memory: Option<u64>,
+}
+
+/// What the child reports over the result pipe.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChildReport {
+    /// `None` when the test passed.
+    pub failure: Option<Failure>,
+}
+
+/// One test to run in a fresh process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// The test's full name.
+    pub test: String,
+    /// `process`, `env` or `full` (never `full-or-env`: resolve it first).
+    pub isolation: Isolation,
+    /// The complete environment the test starts from, before `HOME` and `TMPDIR` (see
+    /// [`env::test_environment`]).
+    pub env: Vec<(String, String)>,
+    /// Kill the test after this long.
+    pub timeout: Option<Duration>,
+    /// A memory limit in bytes.
+    pub memory: Option<u64>,
+    /// Capture stdout and stderr (otherwise the child inherits the parent's).
+    pub capture: bool,
+    /// The working directory; the temporary directory when `None` or missing.
+    pub cwd: Option<PathBuf>,
+}
+
+/// Runs tests of one binary in fresh processes.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    program: PathBuf,
+    tmp_root: PathBuf,
+    keep_failed_tmp: bool,
+    output_cap: usize,
+}
+
+impl Sandbox {
+    /// A sandbox that runs `program` (a dtf test binary), with per-test directories under
+    /// `tmp_root`. With `keep_failed_tmp`, a failed test's directory is kept (`DTF_KEEP_TMP`).
+    pub fn new(program: PathBuf, tmp_root: PathBuf, keep_failed_tmp: bool) -> Sandbox {
+        Sandbox {
+            program,
+            tmp_root,
+            keep_failed_tmp,
+            output_cap: OUTPUT_CAP,
+        }
+    }
+
+    /// The binary this sandbox runs.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// Runs one test to completion. Never fails: a sandbox that cannot be set up yields an
+    /// attempt with [`Failure::System`]. Dropping the future kills the test's process group and
+    /// removes its temporary directory.
+    pub async fn run(&self, spec: &RunSpec) -> Attempt {
+        let started = Instant::now();
+        match self.run_inner(spec, started).await {
+            Ok(attempt) => attempt,
+            Err(message) => Attempt {
+                failure: Some(Failure::System { message }),
+                duration: started.elapsed(),
+                output: Output::default(),
+                worker: None,
+                kept_tmp: None,
+            },
+        }
+    }
+
+    async fn run_inner(&self, spec: &RunSpec, started: Instant) -> Result<Attempt, String> {
+        let isolated = spec.isolation != Isolation::Process;
+        let tmp = if isolated {
+            Some(TestDir::create(&self.tmp_root, &spec.test)?)
+        } else {
+            None
+        };
+
+        let child_spec = ChildSpec {
+            test: spec.test.clone(),
+            isolation: spec.isolation,
+            memory: spec.memory,
+        };
+        let child_spec = serde_json::to_string(&child_spec).map_err(|e| e.to_string())?;
+        let (result_read, result_write) = result_pipe()?;
+
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .env(CHILD_VAR, child_spec)
+            .stdin(Stdio::from(result_write))
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(tmp) = &tmp {
+            cmd.env("HOME", tmp.home()).env("TMPDIR", tmp.tmp());
+        }
+        let cwd = spec
+            .cwd
+            .as_deref()
+            .filter(|dir| dir.is_dir())
+            .map(Path::to_path_buf)
+            .or_else(|| tmp.as_ref().map(|t| t.home()));
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        if spec.capture {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        }
+
+        let mut child = spawn_retrying(&mut cmd, &self.program)?;
+        // The child leads its own group: its pid is the group id.
+        let group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
+        drop(cmd); // closes our copy of the result pipe's write end
+
+        let mut stdout = child.stdout.take();
+        let mut stderr = child.stderr.take();
+        let mut output = Output::default();
+        let cap = self.output_cap;
+        let timeout_at = spec.timeout.map(|t| tokio::time::Instant::from_std(started + t));
+        let mut status: Option<ExitStatus> = None;
+        let mut timed_out = false;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut out_buf = vec![0u8; 16 * 1024];
+        let mut err_buf = vec![0u8; 16 * 1024];
+
+        loop {
+            if status.is_some() && stdout.is_none() && stderr.is_none() {
+                break;
+            }
+            tokio::select! {
+                n = read_some(&mut stdout, &mut out_buf), if stdout.is_some() => match n {
+                    Some(n) => output.push(Stream::Stdout, &out_buf[..n], cap),
+                    None => stdout = None,
+                },
+                n = read_some(&mut stderr, &mut err_buf), if stderr.is_some() => match n {
+                    Some(n) => output.push(Stream::Stderr, &err_buf[..n], cap),
+                    None => stderr = None,
+                },
+                exit = child.wait(), if status.is_none() => {
+                    let exit = exit.map_err(|e| format!("cannot wait for the test process: {e}"))?;
+                    status = Some(exit);
+                    // Whatever the test left running in its group goes with it.
+                    group.kill();
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+                }
+                _ = sleep_until(timeout_at), if status.is_none() && !timed_out && timeout_at.is_some() => {
+                    timed_out = true;
+                    group.kill();
+                }
+                _ = sleep_until(drain_until), if drain_until.is_some() => break,
+            }
+        }
+        let duration = started.elapsed();
+        let status = status.ok_or("the test process vanished")?;
+        group.disarm();
+
+        let report = read_report(&result_read);
+        let failure = if timed_out {
+            Some(Failure::TimedOut {
+                after: spec.timeout.unwrap_or_default(),
+            })
+        } else {
+            match report {
+                Some(report) => report.failure,
+                None => Some(failure_from_exit(status, spec.memory, &output)),
+            }
+        };
+        let kept_tmp = match tmp {
+            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep()),
+            _ => None,
+        };
+        Ok(Attempt {
+            failure,
+            duration,
+            output,
+            worker: None,
+            kept_tmp,
+        })
+    }
+}
+
+/// Explains an exit without a report.
+fn failure_from_exit(status: ExitStatus, memory: Option<u64>, output: &Output) -> Failure {
+    if let Some(limit) = memory {
+        let stderr = output.stream(Stream::Stderr);
+        let needle = b"memory allocation of";
+        if stderr.windows(needle.len()).any(|w| w == needle) {
+            return Failure::MemoryLimit { limit };
+        }
+    }
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Failure::ExitedEarly { code },
+        (None, Some(signal)) => Failure::Signaled { signal },
+        (None, None) => Failure::System {
+            message: format!("the test process ended with an unknown status: {status}"),
+        },
+    }
+}
+
+/// Kills a test's process group when dropped (a cancelled run), unless disarmed.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn kill(&self) {
+        if let Some(pid) = self.0 {
+            // ESRCH (nothing left in the group) is the normal case.
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test's private directory: `home/` is `HOME`, `tmp/` is `TMPDIR`. Removed on drop.
+struct TestDir(tempfile::TempDir);
+
+impl TestDir {
+    fn create(root: &Path, test: &str) -> Result<TestDir, String> {
+        let prefix: String = test
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(40)
+            .collect();
+        std::fs::create_dir_all(root)
+            .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("dtf-{prefix}-"))
+            .tempdir_in(root)
+            .map_err(|e| format!("cannot create a temporary directory in {}: {e}", root.display()))?;
+        for sub in ["home", "tmp"] {
+            std::fs::create_dir(dir.path().join(sub))
+                .map_err(|e| format!("cannot create {}: {e}", dir.path().join(sub).display()))?;
+        }
+        Ok(TestDir(dir))
+    }
+
+    fn home(&self) -> PathBuf {
+        self.0.path().join("home")
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.0.path().join("tmp")
+    }
+
+    fn keep(self) -> String {
+        self.0.keep().display().to_string()
+    }
+}
+
+/// A pipe whose read end is non-blocking; both ends close on exec (the write end becomes the
+/// child's stdin, which `Command` sets up explicitly).
+fn result_pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot create the result pipe: {e}"))?;
+    fcntl(&read, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+        .map_err(|e| format!("cannot configure the result pipe: {e}"))?;
+    Ok((read, write))
+}
+
+/// Reads the child's report once it has exited: whatever it wrote is in the pipe's buffer.
+fn read_report(fd: &OwnedFd) -> Option<ChildReport> {
+    let mut file = std::fs::File::from(fd.try_clone().ok()?);
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break, // WouldBlock: a descendant still holds the write end
+        }
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Spawns, retrying briefly on `ETXTBSY` (a just-written binary still open in a concurrent
+/// fork).
+fn spawn_retrying(
+    cmd: &mut tokio::process::Command,
+    program: &Path,
+) -> Result<tokio::process::Child, String> {
+    let mut delay = Duration::from_millis(5);
+    for _ in 0..8 {
+        match cmd.spawn() {
+            Ok(child) => return Ok(child),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            Err(e) => return Err(format!("cannot start {}: {e}", program.display())),
+        }
+    }
+    Err(format!(
+        "cannot start {}: the file stayed busy (ETXTBSY)",
+        program.display()
+    ))
+}
+
+async fn read_some<R: AsyncRead + Unpin>(reader: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
+    let r = reader.as_mut()?;
+    match r.read(buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n),
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,311 @@
+//! The scheduler: which test runs next, what a finished attempt means (done, retry, requeue
+//! after a lost worker), and when the run is over. Pure logic with no I/O, driven by the local
+//! runner and by the coordinator alike, and tested deterministically.
+
+use std::collections::VecDeque;
+
+use crate::outcome::{Attempt, Failure, Status};
+
+/// How many times a test may lose its worker (or hit an infrastructure failure) before it
+/// fails with that reason instead of being requeued again.
+pub const MAX_WORKER_LOSSES: u32 = 3;
+
+/// One attempt to hand to a runner: test `test` (an index into the run's test list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Job {
+    /// Index of the test in the run's list.
+    pub test: usize,
+    /// 1 for the first attempt, 2 for the first retry, ...
+    pub attempt: u32,
+}
+
+/// A test that is done, with every attempt it took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// Index of the test in the run's list.
+    pub test: usize,
+    /// How it ended: `Passed`, `Flaky` or `Failed`.
+    pub status: Status,
+    /// Every attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// True when it was requeued at least once because its worker was lost.
+    pub rerun_after_lost_worker: bool,
+}
+
+#[derive(Debug, Default)]
+struct TestState {
+    retries: u32,
+    attempts: Vec<Attempt>,
+    losses: u32,
+    done: bool,
+}
+
+/// The queue and the bookkeeping of one run.
+#[derive(Debug)]
+pub struct Scheduler {
+    queue: VecDeque<usize>,
+    tests: Vec<TestState>,
+    in_flight: usize,
+    remaining: usize,
+    stopped: bool,
+}
+
+impl Scheduler {
+    /// A run of the tests at `order` (indices, in the order they should start), with
+    /// `retries[i]` retries allowed for test `i`.
+    pub fn new(order: Vec<usize>, retries: &[u32]) -> Scheduler {
+        let tests: Vec<TestState> = retries
+            .iter()
+            .map(|&retries| TestState {
+                retries,
+                ..TestState::default()
+            })
+            .collect();
+        Scheduler {
+            remaining: order.len(),
+            queue: order.into(),
+            tests,
+            in_flight: 0,
+            stopped: false,
+        }
+    }
+
+    /// The next attempt to start, if any is waiting.
+    pub fn next_job(&mut self) -> Option<Job> {
+        if self.stopped {
+            return None;
+        }
+        let test = self.queue.pop_front()?;
+        self.in_flight += 1;
+        Some(Job {
+            test,
+            attempt: self.tests[test].attempts.len() as u32 + 1,
+        })
+    }
+
+    /// Records a finished attempt. Returns the test's final result when it is done; `None`
+    /// when it was queued again (a retry, or an infrastructure failure to run elsewhere).
+    /// `requeue_system` says whether an infrastructure failure may be retried (true when
+    /// other workers could run it).
+    pub fn record(&mut self, job: Job, attempt: Attempt, requeue_system: bool) -> Option<Finished> {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let state = &mut self.tests[job.test];
+        if state.done {
+            return None; // a late duplicate: the test was already reported
+        }
+        let system = attempt.failure.as_ref().is_some_and(Failure::is_system);
+        if system && requeue_system && state.losses + 1 < MAX_WORKER_LOSSES && !self.stopped {
+            state.losses += 1;
+            self.queue.push_front(job.test);
+            return None;
+        }
+        let passed = attempt.passed();
+        state.attempts.push(attempt);
+        let retries_left = (state.attempts.len() as u32) <= state.retries;
+        if !passed && !system && retries_left && !self.stopped {
+            // Retries go first so a flaky test does not hold the end of the run.
+            self.queue.push_front(job.test);
+            return None;
+        }
+        let status = if !passed {
+            Status::Failed
+        } else if state.attempts.len() > 1 {
+            Status::Flaky
+        } else {
+            Status::Passed
+        };
+        Some(self.finish(job.test, status))
+    }
+
+    /// The worker running `job` was lost: requeue it first in line, or fail it when it has
+    /// lost its worker [`MAX_WORKER_LOSSES`] times.
+    pub fn worker_lost(&mut self, job: Job) -> Option<Finished> {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let state = &mut self.tests[job.test];
+        if state.done {
+            return None;
+        }
+        state.losses += 1;
+        if state.losses >= MAX_WORKER_LOSSES {
+            let times = state.losses;
+            state.attempts.push(Attempt {
+                failure: Some(Failure::WorkerLost { times }),
+                duration: Default::default(),
+                output: Default::default(),
+                worker: None,
+                kept_tmp: None,
+            });
+            return Some(self.finish(job.test, Status::Failed));
+        }
+        if self.stopped {
+            return None;
+        }
+        self.queue.push_front(job.test);
+        None
+    }
+
+    /// Stops dispatching (fail-fast or an interrupt): returns the tests that will never run.
+    /// Attempts in flight may still be recorded.
+    pub fn stop(&mut self) -> Vec<usize> {
+        self.stopped = true;
+        let mut not_run: Vec<usize> = self.queue.drain(..).collect();
+        for &t in &not_run {
+            self.tests[t].done = true;
+        }
+        self.remaining -= not_run.len();
+        not_run.sort_unstable();
+        not_run
+    }
+
+    /// Tests started and not yet recorded.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Tests waiting to start.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True when every test has its final result (or was dropped by [`Scheduler::stop`]).
+    pub fn is_done(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn finish(&mut self, test: usize, status: Status) -> Finished {
+        let state = &mut self.tests[test];
+        state.done = true;
+        self.remaining -= 1;
+        Finished {
+            test,
+            status,
+            attempts: std::mem::take(&mut state.attempts),
+            rerun_after_lost_worker: state.losses > 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass() -> Attempt {
+        Attempt {
+            failure: None,
+            duration: Default::default(),
+            output: Default::default(),
+            worker: None,
+            kept_tmp: None,
+        }
+    }
+
+    fn fail() -> Attempt {
+        Attempt {
+            failure: Some(Failure::DidNotPanic),
+            ..pass()
+        }
+    }
+
+    fn system() -> Attempt {
+        Attempt {
+            failure: Some(Failure::System {
+                message: "no sandbox".into(),
+            }),
+            ..pass()
+        }
+    }
+
+    #[test]
+    fn runs_in_the_given_order_and_finishes() {
+        let mut s = Scheduler::new(vec![2, 0, 1], &[0, 0, 0]);
+        let jobs: Vec<usize> = std::iter::from_fn(|| s.next_job()).map(|j| j.test).collect();
+        assert_eq!(jobs, [2, 0, 1]);
+        for t in jobs {
+            let f = s.record(Job { test: t, attempt: 1 }, pass(), false).unwrap();
+            assert_eq!(f.status, Status::Passed);
+        }
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn a_retried_pass_is_flaky_and_retries_are_bounded() {
+        let mut s = Scheduler::new(vec![0, 1], &[1, 1]);
+        let a = s.next_job().unwrap();
+        assert_eq!(s.record(a, fail(), false), None);
+        let retry = s.next_job().unwrap();
+        assert_eq!(retry, Job { test: 0, attempt: 2 }, "a retry jumps the queue");
+        let f = s.record(retry, pass(), false).unwrap();
+        assert_eq!(f.status, Status::Flaky);
+        assert_eq!(f.attempts.len(), 2);
+
+        let b = s.next_job().unwrap();
+        assert_eq!(s.record(b, fail(), false), None);
+        let b2 = s.next_job().unwrap();
+        let f = s.record(b2, fail(), false).unwrap();
+        assert_eq!(f.status, Status::Failed);
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn a_lost_worker_requeues_then_gives_up() {
+        let mut s = Scheduler::new(vec![0, 1], &[0, 0]);
+        let job = s.next_job().unwrap();
+        for _ in 1..MAX_WORKER_LOSSES {
+            assert_eq!(s.worker_lost(job), None);
+            assert_eq!(s.next_job().unwrap().test, 0, "requeued first in line");
+        }
+        let f = s.worker_lost(job).unwrap();
+        assert_eq!(f.status, Status::Failed);
+        assert_eq!(
+            f.attempts[0].failure,
+            Some(Failure::WorkerLost {
+                times: MAX_WORKER_LOSSES
+            })
+        );
+        let other = s.next_job().unwrap();
+        let f = s.record(other, pass(), false).unwrap();
+        assert!(!f.rerun_after_lost_worker);
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn a_rerun_after_a_lost_worker_is_marked_and_reported_once() {
+        let mut s = Scheduler::new(vec![0], &[0]);
+        let job = s.next_job().unwrap();
+        assert_eq!(s.worker_lost(job), None);
+        let again = s.next_job().unwrap();
+        let f = s.record(again, pass(), true).unwrap();
+        assert!(f.rerun_after_lost_worker);
+        // The lost worker's late answer is ignored.
+        assert_eq!(s.record(job, pass(), true), None);
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn system_failures_move_elsewhere_but_not_forever_and_not_locally() {
+        let mut s = Scheduler::new(vec![0], &[5]);
+        let job = s.next_job().unwrap();
+        assert_eq!(s.record(job, system(), true), None);
+        let job = s.next_job().unwrap();
+        assert_eq!(job.attempt, 1, "an infrastructure failure is not an attempt");
+        assert_eq!(s.record(job, system(), true), None);
+        let job = s.next_job().unwrap();
+        let f = s.record(job, system(), true).unwrap();
+        assert_eq!(f.status, Status::Failed, "no retry of a system failure");
+
+        let mut local = Scheduler::new(vec![0], &[0]);
+        let job = local.next_job().unwrap();
+        assert!(local.record(job, system(), false).is_some());
+    }
+
+    #[test]
+    fn stop_drops_the_queue() {
+        let mut s = Scheduler::new(vec![0, 1, 2], &[0, 0, 0]);
+        let a = s.next_job().unwrap();
+        assert_eq!(s.stop(), vec![1, 2]);
+        assert_eq!(s.next_job(), None);
+        assert!(!s.is_done());
+        assert!(s.record(a, fail(), false).is_some());
+        assert!(s.is_done());
+    }
+}
