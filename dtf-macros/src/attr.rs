@@ -224,14 +224,19 @@ impl Parse for EnvEntry {
             Expr::Lit(ExprLit {
                 lit: Lit::Str(value),
                 ..
-            }) if !value.value().contains('\0') => value.value(),
+            }) => value,
             other => {
                 let message = format!(
-                    r#"the value of `{name}` must be a string literal without NUL, as in `{name} = "1"`"#
+                    r#"the value of `{name}` must be a string literal, as in `{name} = "1"`"#
                 );
                 return Err(Error::new_spanned(other, message));
             }
         };
+        if value.value().contains('\0') {
+            let message = format!("the value of `{name}` cannot contain NUL");
+            return Err(Error::new(value.span(), message));
+        }
+        let value = value.value();
         Ok(EnvEntry {
             name,
             name_span,
@@ -426,7 +431,15 @@ mod tests {
         );
         assert_eq!(
             error(quote!(env(FOO = 1))),
-            r#"the value of `FOO` must be a string literal without NUL, as in `FOO = "1"`"#
+            r#"the value of `FOO` must be a string literal, as in `FOO = "1"`"#
+        );
+        assert_eq!(
+            error(quote!(env(FOO = "a\0b"))),
+            "the value of `FOO` cannot contain NUL"
+        );
+        assert_eq!(
+            error(quote!(env("A=B" = "1"))),
+            r#"invalid environment variable name "A=B": it must be non-empty and contain neither `=` nor NUL"#
         );
         assert_eq!(
             error(quote!(env(FOO = "1", FOO = "2"))),

@@ -96,10 +96,24 @@ pub fn test(
     match expand(args.into(), item.clone()) {
         Ok(tokens) => tokens.into(),
         Err(error) => {
-            // Keeping the item avoids follow-up errors wherever it is used.
             let error = error.into_compile_error();
+            let item = fallback(item);
             quote!(#error #item).into()
         }
+    }
+}
+
+/// What to emit next to a compile error: the item itself, so that code using it gets no
+/// follow-up errors, minus the `#[ignore]` and `#[should_panic]` that only tests may carry.
+fn fallback(item: TokenStream) -> TokenStream {
+    match syn::parse2::<ItemFn>(item.clone()) {
+        Ok(mut function) => {
+            function.attrs.retain(|attr| {
+                !(attr.path().is_ident("ignore") || attr.path().is_ident("should_panic"))
+            });
+            quote!(#function)
+        }
+        Err(_) => item,
     }
 }
 
@@ -173,14 +187,11 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
             "`#[dtf::test]` cannot be applied to methods: a test must be a free function",
         ));
     } else if !sig.inputs.is_empty() || sig.variadic.is_some() {
-        let span = match &sig.variadic {
-            Some(variadic) if sig.inputs.is_empty() => variadic.span(),
-            _ => sig.inputs.span(),
-        };
-        errors.push(Error::new(
-            span,
-            "`#[dtf::test]` functions cannot take parameters",
-        ));
+        let message = "`#[dtf::test]` functions cannot take parameters";
+        errors.push(match &sig.variadic {
+            Some(variadic) if sig.inputs.is_empty() => Error::new_spanned(variadic, message),
+            _ => Error::new_spanned(&sig.inputs, message),
+        });
     }
     match errors.into_iter().reduce(|mut all, error| {
         all.combine(error);
@@ -260,5 +271,146 @@ fn registration(function: &ItemFn, options: &Options, markers: &Markers) -> Toke
                 ..::dtf::__private::TestDef::DEFAULT
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proc_macro2::TokenStream;
+    use quote::quote;
+
+    use super::{expand, fallback};
+
+    fn expanded(args: TokenStream, item: TokenStream) -> String {
+        match expand(args, item) {
+            Ok(tokens) => tokens.to_string(),
+            Err(error) => panic!("unexpected error: {error}"),
+        }
+    }
+
+    fn error(item: TokenStream) -> String {
+        match expand(TokenStream::new(), item) {
+            Ok(tokens) => panic!("expected an error, got {tokens}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn registers_the_function_and_keeps_it() {
+        let code = expanded(
+            quote!(timeout = "2s", env(A = "1"), retries = 1),
+            quote! {
+                /// Docs.
+                #[should_panic(expected = "boom")]
+                #[ignore]
+                pub fn r#boom() { panic!("boom") }
+            },
+        );
+        let expected_parts = [
+            "# [doc = r\" Docs.\"] pub fn r#boom ()",
+            ":: dtf :: __private :: inventory :: submit !",
+            "name : \"boom\"",
+            "func : || :: dtf :: __private :: TestReturn :: into_test_result (r#boom ())",
+            "ignore : true",
+            "should_panic : :: dtf :: __private :: ShouldPanic :: WithMessage (\"boom\")",
+            "timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (2000000000u64))",
+            "env : & [(\"A\" , \"1\")]",
+            "retries : :: core :: option :: Option :: Some (1u32)",
+            ".. :: dtf :: __private :: TestDef :: DEFAULT",
+        ];
+        for part in expected_parts {
+            assert!(code.contains(part), "`{part}` missing from {code}");
+        }
+        assert!(!code.contains("# [ignore]") && !code.contains("# [should_panic"));
+        assert!(!code.contains("ignore_reason") && !code.contains("memory"));
+    }
+
+    #[test]
+    fn async_functions_become_blocking() {
+        let code = expanded(
+            TokenStream::new(),
+            quote!(
+                async fn waits() -> Result<(), String> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(!code.contains("async fn"), "{code}");
+        assert!(
+            code.contains(
+                "fn waits () -> Result < () , String > { :: dtf :: __private :: block_on (async move { Ok (()) }) }"
+            ),
+            "{code}"
+        );
+    }
+
+    #[test]
+    fn cfg_applies_to_the_registration() {
+        let code = expanded(
+            TokenStream::new(),
+            quote!(
+                #[cfg(unix)]
+                fn only_unix() {}
+            ),
+        );
+        assert_eq!(code.matches("# [cfg (unix)]").count(), 2, "{code}");
+    }
+
+    #[test]
+    fn rejects_what_cannot_be_a_test() {
+        let not_fn = "`#[dtf::test]` can only be applied to a function";
+        assert_eq!(
+            error(quote!(
+                struct S;
+            )),
+            not_fn
+        );
+        assert_eq!(
+            error(quote!(
+                pub mod m {}
+            )),
+            not_fn
+        );
+        assert_eq!(
+            error(quote!(
+                fn f(n: u32) {}
+            )),
+            "`#[dtf::test]` functions cannot take parameters"
+        );
+        assert_eq!(
+            error(quote!(
+                fn f<T>() {}
+            )),
+            "`#[dtf::test]` functions cannot be generic"
+        );
+        assert_eq!(
+            error(quote!(
+                unsafe fn f() {}
+            )),
+            "`#[dtf::test]` functions cannot be `unsafe`"
+        );
+        assert_eq!(
+            error(quote!(
+                fn f(&self) {}
+            )),
+            "`#[dtf::test]` cannot be applied to methods: a test must be a free function"
+        );
+    }
+
+    #[test]
+    fn errors_keep_the_function_without_test_attributes() {
+        let kept = fallback(quote!(
+            #[ignore]
+            #[allow(unused)]
+            fn f(n: u32) {}
+        ));
+        assert_eq!(kept.to_string(), "# [allow (unused)] fn f (n : u32) { }");
+        assert_eq!(
+            fallback(quote!(
+                struct S;
+            ))
+            .to_string(),
+            "struct S ;"
+        );
     }
 }

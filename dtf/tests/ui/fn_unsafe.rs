@@ -1,0 +1,4 @@
+#[dtf::test]
+unsafe fn dangerous() {}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[dtf::test(isolation = "container")]
+fn unknown_level() {}
+
+fn main() {}

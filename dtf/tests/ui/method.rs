@@ -1,0 +1,8 @@
+struct Fixture;
+
+impl Fixture {
+    #[dtf::test]
+    fn check(&self) {}
+}
+
+fn main() {}
