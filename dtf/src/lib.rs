@@ -64,6 +64,10 @@ pub mod __private {
     }
 
     /// Turns what a test function returns into pass or fail, like std's `Termination`.
+    #[diagnostic::on_unimplemented(
+        message = "a `#[dtf::test]` function must return `()` or `Result<T, E>` with `E: Debug`, not `{Self}`",
+        label = "this return type cannot be judged as pass or fail"
+    )]
     pub trait TestReturn {
         /// `Ok` when the test passed, `Err(message)` when it returned a failure.
         fn into_test_result(self) -> Result<(), String>;

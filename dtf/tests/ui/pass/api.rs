@@ -112,23 +112,26 @@ mod nested {
     }
 }
 
-fn def(name: &str) -> &'static TestDef {
+/// The tests defined in this file (and not, say, in a dependency).
+fn defs() -> impl Iterator<Item = &'static TestDef> {
     dtf::__private::inventory::iter::<TestDef>
         .into_iter()
+        .filter(|def| def.module_path.split("::").next() == Some(module_path!()))
+}
+
+fn def(name: &str) -> &'static TestDef {
+    defs()
         .find(|def| def.name == name)
         .unwrap_or_else(|| panic!("`{name}` is not registered"))
 }
 
 fn main() {
     std::panic::set_hook(Box::new(|_| {}));
-    let names: Vec<&str> = dtf::__private::inventory::iter::<TestDef>
-        .into_iter()
-        .map(|def| def.name)
-        .collect();
+    let names: Vec<&str> = defs().map(|def| def.name).collect();
     assert_eq!(names.len(), 22, "{names:?}");
     assert!(!names.contains(&"configured_out"));
 
-    for def in dtf::__private::inventory::iter::<TestDef> {
+    for def in defs() {
         assert!(def.file.ends_with(".rs"), "{}", def.file);
         assert!(def.line > 0);
         let result = std::panic::catch_unwind(def.func);
@@ -152,9 +155,15 @@ fn main() {
     assert!(def("with_reason").ignore);
     assert_eq!(def("p").should_panic, ShouldPanic::Yes);
     assert_eq!(def("p2").should_panic, ShouldPanic::WithMessage("boom"));
-    assert_eq!(def("async_panics").should_panic, ShouldPanic::WithMessage("async boom"));
+    assert_eq!(
+        def("async_panics").should_panic,
+        ShouldPanic::WithMessage("async boom")
+    );
     assert_eq!(def("bounded").timeout, Some(Duration::from_millis(500)));
-    assert_eq!(def("bounded_decimal").timeout, Some(Duration::from_millis(1500)));
+    assert_eq!(
+        def("bounded_decimal").timeout,
+        Some(Duration::from_millis(1500))
+    );
     assert_eq!(def("configured").env, &[("FOO", "bar"), ("BAZ", "1")]);
     assert_eq!(def("inherits_env").isolation, Some(Isolation::Process));
     assert_eq!(def("r").retries, Some(2));
@@ -162,8 +171,14 @@ fn main() {
     assert_eq!(def("combined").timeout, Some(Duration::from_secs(2)));
     assert_eq!(def("combined").env, &[("A", "1")]);
     assert_eq!(def("markers_above").ignore_reason, Some("written above"));
-    assert_eq!(def("markers_above").should_panic, ShouldPanic::WithMessage("above"));
-    assert_eq!(def("cfg_attr_ignore").ignore_reason, Some("through cfg_attr"));
+    assert_eq!(
+        def("markers_above").should_panic,
+        ShouldPanic::WithMessage("above")
+    );
+    assert_eq!(
+        def("cfg_attr_ignore").ignore_reason,
+        Some("through cfg_attr")
+    );
     assert!(def("deep").module_path.ends_with("::nested"));
 
     // The functions stay callable under their own names.
