@@ -23,7 +23,7 @@ pub const EXIT_FAILED: i32 = 101;
 /// Runs the binary's role to the end.
 pub fn run(package: Package) -> ! {
     if let Some(spec) = child::take_spec() {
-        child::run(&Registry::collect(), spec);
+        child::run(spec);
     }
     let code = match parent(package) {
         Ok(code) => code,
@@ -79,19 +79,19 @@ struct Config {
 impl Config {
     fn new(args: &Args, package: Package) -> Result<Config, Error> {
         let slots = match (&args.test_threads, env_var("RUST_TEST_THREADS")) {
-            (Some(n), _) => cli::parse_threads(n, "--test-threads").map_err(|message| {
-                Error::BadFlag {
+            (Some(n), _) => {
+                cli::parse_threads(n, "--test-threads").map_err(|message| Error::BadFlag {
                     flag: "--test-threads",
                     message,
-                }
-            })?,
-            (None, Some(n)) => cli::parse_threads(&n, "RUST_TEST_THREADS").map_err(|message| {
-                Error::BadEnv {
+                })?
+            }
+            (None, Some(n)) => {
+                cli::parse_threads(&n, "RUST_TEST_THREADS").map_err(|message| Error::BadEnv {
                     var: "RUST_TEST_THREADS",
                     value: n.clone(),
                     message,
-                }
-            })?,
+                })?
+            }
             (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let isolation = match args.isolation {
@@ -156,7 +156,9 @@ async fn run_tests(
     if Plan::needs_namespaces(selected, &defaults) {
         if let Err(reason) = namespaces::probe() {
             let wants_fallback = defaults.isolation == Isolation::FullOrEnv
-                || selected.iter().any(|s| s.test.def.isolation == Some(Isolation::FullOrEnv));
+                || selected
+                    .iter()
+                    .any(|s| s.test.def.isolation == Some(Isolation::FullOrEnv));
             let insists = selected.iter().any(|s| {
                 s.runs && s.test.def.isolation.unwrap_or(defaults.isolation) == Isolation::Full
             });
@@ -214,7 +216,8 @@ async fn run_tests(
         fail_fast: args.fail_fast,
         slow: config.slow,
     };
-    let (reports, ending) = runner::run_local(&plan, order, &sandbox, &options, &mut reporters).await;
+    let (reports, ending) =
+        runner::run_local(&plan, order, &sandbox, &options, &mut reporters).await;
     for report in &reports {
         summary.add(report);
     }

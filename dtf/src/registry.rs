@@ -50,7 +50,9 @@ impl std::str::FromStr for Isolation {
             .find(|(name, _)| *name == s)
             .map(|(_, level)| *level)
             .ok_or_else(|| {
-                format!("unknown isolation level `{s}`: expected one of process, env, full, full-or-env")
+                format!(
+                    "unknown isolation level `{s}`: expected one of process, env, full, full-or-env"
+                )
             })
     }
 }
@@ -126,6 +128,17 @@ impl TestDef {
         line: 0,
     };
 
+    /// True when [`TestDef::full_name`] equals `full`, without allocating.
+    pub fn has_name(&self, full: &str) -> bool {
+        let Some(rest) = full.strip_suffix(self.name) else {
+            return false;
+        };
+        match self.module_path.split_once("::") {
+            Some((_, modules)) => rest.strip_suffix("::") == Some(modules),
+            None => rest.is_empty(),
+        }
+    }
+
     /// The name libtest would print: the module path below the crate root, then the function.
     pub fn full_name(&self) -> String {
         match self.module_path.split_once("::") {
@@ -136,6 +149,32 @@ impl TestDef {
 }
 
 inventory::collect!(TestDef);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_drop_the_crate_and_match_without_allocating() {
+        let nested = TestDef {
+            module_path: "krate::a::b",
+            name: "deep",
+            ..TestDef::DEFAULT
+        };
+        assert_eq!(nested.full_name(), "a::b::deep");
+        assert!(nested.has_name("a::b::deep"));
+        assert!(!nested.has_name("b::deep"));
+        assert!(!nested.has_name("a::b::dee"));
+        let top = TestDef {
+            module_path: "krate",
+            name: "top",
+            ..TestDef::DEFAULT
+        };
+        assert_eq!(top.full_name(), "top");
+        assert!(top.has_name("top"));
+        assert!(!top.has_name("x::top"));
+    }
+}
 
 /// A registered test with its libtest-style name.
 #[derive(Clone, Debug)]
@@ -156,7 +195,7 @@ pub struct Registry {
 impl Registry {
     /// Collects every test submitted through `inventory` in this binary.
     pub fn collect() -> Registry {
-        Registry::from_defs(inventory::iter::<TestDef>.into_iter())
+        Registry::from_defs(inventory::iter::<TestDef>)
     }
 
     /// Builds a registry from explicit definitions (used by tests of dtf itself).
@@ -179,6 +218,14 @@ impl Registry {
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
         Registry { tests, by_name }
+    }
+
+    /// The definition of the test named `name`, found without building a registry: what a
+    /// child process, which runs exactly one test, needs.
+    pub fn find(name: &str) -> Option<&'static TestDef> {
+        inventory::iter::<TestDef>
+            .into_iter()
+            .find(|def| def.has_name(name))
     }
 
     /// Every test, sorted by name.

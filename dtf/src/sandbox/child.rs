@@ -29,12 +29,12 @@ pub fn take_spec() -> Option<Result<ChildSpec, String>> {
 }
 
 /// Runs the child role to the end: never returns.
-pub fn run(registry: &Registry, spec: Result<ChildSpec, String>) -> ! {
+pub fn run(spec: Result<ChildSpec, String>) -> ! {
     let mut report_to = take_result_channel();
     let failure = match spec {
         Ok(spec) => match prepare(&spec) {
-            Ok(()) => match registry.get(&spec.test) {
-                Some(test) => run_test(&spec.test, test.def),
+            Ok(()) => match Registry::find(&spec.test) {
+                Some(def) => run_test(&spec.test, def),
                 None => Some(Failure::System {
                     message: format!(
                         "no test named `{}` in this binary (was it built from other sources?)",
@@ -169,8 +169,14 @@ mod tests {
     fn should_panic_rules_match_libtest() {
         assert_eq!(judge(ShouldPanic::No, Ok(Ok(()))), None);
         assert_eq!(judge(ShouldPanic::Yes, panic_with("x")), None);
-        assert_eq!(judge(ShouldPanic::Yes, Ok(Ok(()))), Some(Failure::DidNotPanic));
-        assert_eq!(judge(ShouldPanic::WithMessage("boom"), panic_with("boom!")), None);
+        assert_eq!(
+            judge(ShouldPanic::Yes, Ok(Ok(()))),
+            Some(Failure::DidNotPanic)
+        );
+        assert_eq!(
+            judge(ShouldPanic::WithMessage("boom"), panic_with("boom!")),
+            None
+        );
         assert_eq!(
             judge(ShouldPanic::WithMessage("boom"), panic_with("bang")),
             Some(Failure::WrongPanic {
