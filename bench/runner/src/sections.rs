@@ -1,0 +1,399 @@
+//! The measurements. Each section adds rows to the table: a figure, and where the project has
+//! a target for it, the target and whether this run met it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::measure::{self, clean_command, secs, time_median};
+use crate::workers::{LatencyNet, LocalWorkers, peak_rss_of_run};
+
+/// One line of the results table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Which section measured it.
+    pub section: &'static str,
+    /// What was measured.
+    pub what: String,
+    /// The figure, formatted.
+    pub value: String,
+    /// The raw number (seconds, ratio, percent, bytes or MiB as the row says).
+    pub number: f64,
+    /// The project's target for it, if any.
+    pub target: Option<String>,
+    /// Whether the target was met.
+    pub met: Option<bool>,
+}
+
+/// The benchmark's state: built binaries and the rows so far.
+pub struct Bench {
+    reps: usize,
+    quick: bool,
+    bins: HashMap<String, PathBuf>,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+const SUITES: [&str; 5] = ["trivial", "trivial_std", "sleepy", "skewed", "many"];
+
+impl Bench {
+    /// Builds everything the sections need.
+    pub fn new(reps: usize, quick: bool) -> Result<Bench, String> {
+        eprintln!("building the benchmark suites (release)...");
+        let bins = measure::build(&SUITES)?.into_iter().collect();
+        Ok(Bench {
+            reps,
+            quick,
+            bins,
+            rows: Vec::new(),
+            notes: Vec::new(),
+        })
+    }
+
+    fn bin(&self, name: &str) -> Result<&Path, String> {
+        self.bins
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| format!("the build produced no `{name}` binary"))
+    }
+
+    fn row(&mut self, section: &'static str, what: impl Into<String>, value: String, number: f64) {
+        self.rows.push(Row {
+            section,
+            what: what.into(),
+            value,
+            number,
+            target: None,
+            met: None,
+        });
+    }
+
+    fn target_row(
+        &mut self,
+        section: &'static str,
+        what: impl Into<String>,
+        value: String,
+        number: f64,
+        target: &str,
+        met: bool,
+    ) {
+        self.rows.push(Row {
+            section,
+            what: what.into(),
+            value,
+            number,
+            target: Some(target.to_owned()),
+            met: Some(met),
+        });
+    }
+
+    fn note(&mut self, note: String) {
+        eprintln!("note: {note}");
+        self.notes.push(note);
+    }
+
+    /// Prints the table (Markdown) and the notes.
+    pub fn print_table(&self) {
+        let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "\ndtf benchmark — {} repetition(s) per figure, medians; {nproc} cores{}\n",
+            self.reps,
+            if self.quick { "; QUICK smoke mode (small sizes)" } else { "" }
+        );
+        println!("| section | measurement | figure | target | met |");
+        println!("| --- | --- | --- | --- | --- |");
+        for r in &self.rows {
+            let met = match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "",
+            };
+            println!(
+                "| {} | {} | {} | {} | {met} |",
+                r.section,
+                r.what,
+                r.value,
+                r.target.as_deref().unwrap_or("")
+            );
+        }
+        for n in &self.notes {
+            println!("\nnote: {n}");
+        }
+    }
+
+    /// Writes the rows and notes as JSON.
+    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+        let doc = serde_json::json!({
+            "reps": self.reps,
+            "quick": self.quick,
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "rows": self.rows,
+            "notes": self.notes,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+    }
+}
+
+/// True when this machine allows isolation level `full`.
+fn full_available(trivial: &Path) -> bool {
+    clean_command(trivial)
+        .args(["--exact", "t00000", "--isolation", "full", "-q"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// 1. Per-test overhead on one machine.
+pub fn local(b: &mut Bench) -> Result<(), String> {
+    let n = 1000.0;
+    let reps = b.reps;
+    let trivial = b.bin("trivial")?.to_path_buf();
+    let std_bin = b.bin("trivial_std")?.to_path_buf();
+    let per_test = |d: Duration| format!("{} ({:.2} ms/test)", secs(d), d.as_secs_f64() * 1000.0 / n);
+
+    let libtest = time_median(reps, || {
+        let mut c = clean_command(&std_bin);
+        c.arg("-q");
+        c
+    })?;
+    b.row("local", "(a) libtest, in-process, 1000 trivial tests", per_test(libtest), libtest.as_secs_f64());
+
+    let mut levels = vec!["env", "process"];
+    if full_available(&trivial) {
+        levels.push("full");
+    } else {
+        b.note("isolation level `full` is not available on this machine: row (e) skipped".into());
+    }
+    let mut by_level = HashMap::new();
+    for level in levels {
+        let d = time_median(reps, || {
+            let mut c = clean_command(&trivial);
+            c.args(["-q", "--isolation", level]);
+            c
+        })?;
+        let label = match level {
+            "env" => "(c) dtf `env`, binary run directly",
+            "process" => "(d) dtf `process`, binary run directly",
+            _ => "(e) dtf `full`, binary run directly",
+        };
+        b.row("local", label, per_test(d), d.as_secs_f64());
+        by_level.insert(level, d);
+    }
+    if let (Some(full), Some(env)) = (by_level.get("full"), by_level.get("env")) {
+        let extra = (full.as_secs_f64() - env.as_secs_f64()) * 1000.0 / n;
+        b.row(
+            "local",
+            "`full` over `env`",
+            format!("{:.2}× ({extra:+.2} ms/test)", full.as_secs_f64() / env.as_secs_f64()),
+            full.as_secs_f64() / env.as_secs_f64(),
+        );
+    }
+
+    // Through cargo, both sides pay cargo's start-up and up-to-date check.
+    let root = measure::workspace_root();
+    let nextest = time_median(reps, || {
+        let mut c = Command::new(measure::cargo());
+        c.current_dir(&root)
+            .args(["nextest", "run", "--release", "-p", "dtf-bench-suites", "--test", "trivial"])
+            .env("RUST_BACKTRACE", "0");
+        c
+    })?;
+    b.row("local", "(b) cargo nextest run over the dtf binary", per_test(nextest), nextest.as_secs_f64());
+    let dtf_cargo = time_median(reps, || {
+        let mut c = Command::new(measure::cargo());
+        c.current_dir(&root)
+            .args(["test", "--release", "-q", "-p", "dtf-bench-suites", "--test", "trivial"])
+            .env("RUST_BACKTRACE", "0");
+        c
+    })?;
+    b.row("local", "(c') cargo test with dtf `env`", per_test(dtf_cargo), dtf_cargo.as_secs_f64());
+    let ratio = dtf_cargo.as_secs_f64() / nextest.as_secs_f64();
+    b.target_row(
+        "local",
+        "dtf / nextest (both through cargo)",
+        format!("{ratio:.2}"),
+        ratio,
+        "≤ 1.0",
+        ratio <= 1.0,
+    );
+    Ok(())
+}
+
+/// Tests, slots and makespan of one distributed run of the sleepy suite.
+fn sleepy_run(
+    b: &Bench,
+    workers: &LocalWorkers,
+    filter: Option<&str>,
+    net: Option<&LatencyNet>,
+) -> Result<Duration, String> {
+    let sleepy = b.bin("sleepy")?.to_path_buf();
+    let addrs = workers.addrs();
+    let token = workers.token().to_owned();
+    time_median(b.reps, || {
+        let mut c = match net {
+            Some(net) => net.command(&sleepy),
+            None => clean_command(&sleepy),
+        };
+        c.args(["-q", "--order", "name"]).env("DTF_WORKERS", &addrs).env("DTF_TOKEN", &token);
+        if let Some(f) = filter {
+            c.arg(f);
+        }
+        c
+    })
+}
+
+/// 2. Distributed efficiency: makespan against max(longest, total / slots).
+pub fn distributed(b: &mut Bench) -> Result<(), String> {
+    // Quick mode runs t00000..t00099 only.
+    let filter = b.quick.then_some("t000");
+    let tests = if b.quick { 100 } else { 400 };
+    let slots_each = 2;
+    let worker_bin = b.bin("dtf-worker")?.to_path_buf();
+    let counts: &[usize] = if b.quick { &[1, 2] } else { &[1, 2, 4, 8] };
+    let work = tests as f64 * 0.050;
+    for &k in counts {
+        let workers = LocalWorkers::start(&worker_bin, k, slots_each, None)?;
+        // Warm the workers' caches: shipping is measured separately.
+        sleepy_run(b, &workers, Some("t00000"), None)?;
+        let makespan = sleepy_run(b, &workers, filter, None)?;
+        let bound = (work / (k * slots_each) as f64).max(0.050);
+        let eff = 100.0 * bound / makespan.as_secs_f64();
+        let what = format!("{tests} × 50 ms on K={k} workers × {slots_each} slots, loopback");
+        let value = format!("{} vs bound {bound:.3} s: {eff:.1} %", secs(makespan));
+        if k == 4 {
+            b.target_row("distributed", what, value, eff, "≥ 90 %", eff >= 90.0);
+        } else {
+            b.row("distributed", what, value, eff);
+        }
+    }
+    for rtt_ms in [10u64, 50] {
+        let k = if b.quick { 2 } else { 4 };
+        let net = match LatencyNet::create(rtt_ms) {
+            Ok(net) => net,
+            Err(e) => {
+                b.note(format!("simulated latency skipped ({rtt_ms} ms round trip): {e}"));
+                continue;
+            }
+        };
+        let workers = LocalWorkers::start(&worker_bin, k, slots_each, Some(&net))?;
+        sleepy_run(b, &workers, Some("t00000"), Some(&net))?;
+        let makespan = sleepy_run(b, &workers, filter, Some(&net))?;
+        let bound = (work / (k * slots_each) as f64).max(0.050);
+        let eff = 100.0 * bound / makespan.as_secs_f64();
+        let what = format!("{tests} × 50 ms on K={k} × {slots_each}, {rtt_ms} ms round trip (netem)");
+        let value = format!("{} vs bound {bound:.3} s: {eff:.1} %", secs(makespan));
+        if rtt_ms == 10 && k == 4 {
+            b.target_row("distributed", what, value, eff, "≥ 85 %", eff >= 85.0);
+        } else {
+            b.row("distributed", what, value, eff);
+        }
+    }
+    Ok(())
+}
+
+/// 3. Shipping: a cold upload to 4 workers, then the bytes a warm re-run ships.
+pub fn shipping(b: &mut Bench) -> Result<(), String> {
+    let worker_bin = b.bin("dtf-worker")?.to_path_buf();
+    let trivial = b.bin("trivial")?.to_path_buf();
+    let size = std::fs::metadata(&trivial).map_err(|e| e.to_string())?.len();
+    let k = if b.quick { 2 } else { 4 };
+    let mut cold = Vec::new();
+    let mut warm_bytes = 0;
+    for _ in 0..b.reps {
+        let workers = LocalWorkers::start(&worker_bin, k, 2, None)?;
+        let (d, shipped) = workers.run_counting_bytes(&trivial, &["--exact", "t00000"])?;
+        cold.push((d, shipped));
+        let (_, again) = workers.run_counting_bytes(&trivial, &["--exact", "t00000"])?;
+        warm_bytes = warm_bytes.max(again);
+    }
+    let cold_time = measure::median(cold.iter().map(|(d, _)| *d).collect());
+    let shipped = cold.iter().map(|(_, s)| *s).max().unwrap_or(0);
+    let mbps = shipped as f64 / 1e6 / cold_time.as_secs_f64();
+    b.row(
+        "shipping",
+        format!("cold run of 1 test, binary {:.1} MB to {k} workers", size as f64 / 1e6),
+        format!("{} ({mbps:.0} MB/s over {:.1} MB shipped)", secs(cold_time), shipped as f64 / 1e6),
+        cold_time.as_secs_f64(),
+    );
+    b.target_row(
+        "shipping",
+        "binary bytes shipped on a warm re-run",
+        format!("{warm_bytes} B"),
+        warm_bytes as f64,
+        "0",
+        warm_bytes == 0,
+    );
+    Ok(())
+}
+
+/// 4. Scheduling: the skewed suite (40 × 100 ms and one 1000 ms test, last by name) on 4 slots,
+/// in name order and in history order.
+pub fn scheduling(b: &mut Bench) -> Result<(), String> {
+    let skewed = b.bin("skewed")?.to_path_buf();
+    let history = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let slots = 4;
+    let run = |order: &str| {
+        time_median(b.reps, || {
+            let mut c = clean_command(&skewed);
+            c.args(["-q", "--test-threads", &slots.to_string(), "--order", order])
+                .env("DTF_HISTORY_DIR", history.path());
+            c
+        })
+    };
+    let by_name = run("name")?; // also records the durations
+    let by_history = run("history")?;
+    let bound = (40.0 * 0.1 + 1.0) / slots as f64;
+    let bound = f64::max(bound, 1.0);
+    let eff = |d: Duration| 100.0 * bound / d.as_secs_f64();
+    b.row(
+        "scheduling",
+        "skewed suite, 4 slots, name order (no history)",
+        format!("{} ({:.1} % of bound {bound:.2} s)", secs(by_name), eff(by_name)),
+        by_name.as_secs_f64(),
+    );
+    b.target_row(
+        "scheduling",
+        "skewed suite, 4 slots, longest first from history",
+        format!("{} ({:.1} % of bound {bound:.2} s)", secs(by_history), eff(by_history)),
+        by_history.as_secs_f64(),
+        "closer to the bound than name order",
+        by_history < by_name,
+    );
+    Ok(())
+}
+
+/// 5. Resources: a worker's RSS idle and under load; the coordinator's peak RSS for 10 000
+/// tests through 4 workers.
+pub fn resources(b: &mut Bench) -> Result<(), String> {
+    let worker_bin = b.bin("dtf-worker")?.to_path_buf();
+    let sleepy = b.bin("sleepy")?.to_path_buf();
+    let many = b.bin("many")?.to_path_buf();
+    let workers = LocalWorkers::start(&worker_bin, 1, 4, None)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = workers.rss_kib(0)?;
+    b.row("resources", "worker RSS, idle", format!("{:.1} MiB", idle as f64 / 1024.0), idle as f64 / 1024.0);
+    let peak = workers.peak_rss_during(0, &sleepy, &["-q", "t000"])?;
+    b.row(
+        "resources",
+        "worker peak RSS under load (100 × 50 ms tests, 4 slots)",
+        format!("{:.1} MiB", peak as f64 / 1024.0),
+        peak as f64 / 1024.0,
+    );
+    drop(workers);
+
+    let n = if b.quick { "1000" } else { "10 000" };
+    let filter: &[&str] = if b.quick { &["-q", "t00"] } else { &["-q"] };
+    let workers = LocalWorkers::start(&worker_bin, 4, 2, None)?;
+    let coordinator = peak_rss_of_run(&many, filter, &workers)?;
+    b.row(
+        "resources",
+        format!("coordinator peak RSS, {n} tests through 4 workers"),
+        format!("{:.1} MiB", coordinator as f64 / 1024.0),
+        coordinator as f64 / 1024.0,
+    );
+    Ok(())
+}
