@@ -36,8 +36,10 @@ pub fn time_once(cmd: &mut Command, ok_codes: &[i32]) -> Result<Duration, String
     }
 }
 
-/// The median wall time of `reps` runs of the command `make()` builds.
+/// The median wall time of `reps` runs of the command `make()` builds, after one untimed
+/// warm-up run (page cache, cargo's up-to-date checks, workers' binary caches).
 pub fn time_median(reps: usize, mut make: impl FnMut() -> Command) -> Result<Duration, String> {
+    time_once(&mut make(), &[0])?;
     let mut samples = Vec::with_capacity(reps);
     for _ in 0..reps {
         samples.push(time_once(&mut make(), &[0])?);
