@@ -1,1 +1,412 @@
-fn main() {}
+//! `dtf-worker`: runs the tests of dtf test binaries for coordinators on other machines.
+//!
+//! ```text
+//! dtf-worker [--listen ADDR] [--slots N] [--cache-dir DIR] [--cache-max SIZE] [--token-file FILE]
+//! dtf-worker status ADDR [--json]
+//! ```
+//!
+//! See `docs/distributed.md` for the protocol and the security model.
+
+mod cache;
+mod fair;
+mod service;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dtf::outcome::{format_duration, format_size};
+use dtf::protocol::{self, ConnectError, Hello, Token, TokenError, WorkerStatus, human_bytes};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+/// How long `status` waits for a worker.
+const STATUS_LIMIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dtf-worker",
+    version,
+    about = "Runs the tests of dtf test binaries for coordinators (`DTF_WORKERS=host:port cargo test`).",
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    after_help = "Environment: DTF_TOKEN (the shared token, instead of --token-file), DTF_TOKEN_FILE, \
+                  DTF_LOG or RUST_LOG (log filter, default `info,tarpc=warn`). Anyone holding the token can run \
+                  any code as this worker's user: keep it secret."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a worker's state: slots, running tests, cache, uptime.
+    Status {
+        /// The worker's address, host:port (the port defaults to 7878).
+        addr: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Read the token from this file (else DTF_TOKEN or DTF_TOKEN_FILE).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The address to listen on. Port 0 picks a free port; the bound address is printed on
+    /// stdout as the first line.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
+    listen: String,
+    /// Tests run at once (default: the available parallelism).
+    #[arg(long, value_name = "N")]
+    slots: Option<usize>,
+    /// Where test binaries are cached (default: $XDG_CACHE_HOME/dtf-worker or
+    /// ~/.cache/dtf-worker).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The cache's cap; least recently used binaries are evicted past it.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
+    cache_max: u64,
+    /// Read the shared token from this file (else DTF_TOKEN or DTF_TOKEN_FILE). Required
+    /// unless listening on a loopback address.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The worker's name in reports (default: host name and port).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Shut down when standard input closes (for a parent that starts the worker and may die).
+    #[arg(long)]
+    exit_on_stdin_eof: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    dtf::cli::parse_size(s)
+}
+
+/// Why the worker cannot start or `status` cannot answer.
+#[derive(Debug, Error)]
+enum WorkerError {
+    #[error("invalid --listen `{addr}`: {error}")]
+    BadListen { addr: String, error: std::io::Error },
+    #[error(
+        "refusing to listen on {addr} without a token: anyone who can connect could run any code as this user. \
+         Set DTF_TOKEN or --token-file, or listen on a loopback address (127.0.0.1)"
+    )]
+    NoToken { addr: String },
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    #[error("--slots must be at least 1")]
+    NoSlots,
+    #[error(
+        "cannot find a cache directory: set --cache-dir (neither XDG_CACHE_HOME nor HOME is set)"
+    )]
+    NoCacheDir,
+    #[error("cannot open the cache at {dir}: {error}")]
+    Cache { dir: String, error: std::io::Error },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: String, error: std::io::Error },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("{addr}: the worker did not answer `status`: {error}")]
+    Status {
+        addr: String,
+        error: tarpc::client::RpcError,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(WorkerError::Runtime(e)),
+    };
+    let result = match cli.command {
+        Some(Command::Status {
+            addr,
+            json,
+            token_file,
+        }) => runtime.block_on(status(&addr, json, token_file.as_deref())),
+        None => runtime.block_on(serve(cli.serve)),
+    };
+    // Tasks still alive (test handlers) are dropped here, which kills their tests.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: WorkerError) -> ExitCode {
+    eprintln!("dtf-worker: error: {e}");
+    ExitCode::from(2)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = ["DTF_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "info,tarpc=warn".to_owned());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("dtf-worker: ignoring the log filter `{filter}`: {e}");
+        EnvFilter::new("info,tarpc=warn")
+    });
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn load_token(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
+    let file =
+        file.map(Path::to_path_buf)
+            .or_else(|| match std::env::var_os(protocol::TOKEN_VAR) {
+                Some(v) if !v.is_empty() => None,
+                _ => std::env::var_os(protocol::TOKEN_FILE_VAR)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from),
+            });
+    if let Some(path) = &file {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    "the token file {} is readable by other users: `chmod 600` it",
+                    path.display()
+                );
+            }
+        }
+    }
+    match file {
+        Some(path) => Token::from_file(&path).map(Some),
+        None => Token::from_env(),
+    }
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".cache"))
+        })?;
+    Some(base.join("dtf-worker"))
+}
+
+async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
+    let token = load_token(args.token_file.as_deref())?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&args.listen)
+        .await
+        .map_err(|error| WorkerError::BadListen {
+            addr: args.listen.clone(),
+            error,
+        })?
+        .collect();
+    let Some(&addr) = addrs.first() else {
+        return Err(WorkerError::BadListen {
+            addr: args.listen.clone(),
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        });
+    };
+    if token.is_none() && !addr.ip().is_loopback() {
+        return Err(WorkerError::NoToken {
+            addr: addr.to_string(),
+        });
+    }
+    let slots = match args.slots {
+        Some(0) => return Err(WorkerError::NoSlots),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let cache_dir = match args.cache_dir {
+        Some(dir) => dir,
+        None => default_cache_dir().ok_or(WorkerError::NoCacheDir)?,
+    };
+    let cache =
+        cache::Cache::open(&cache_dir, args.cache_max).map_err(|error| WorkerError::Cache {
+            dir: cache_dir.display().to_string(),
+            error,
+        })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|error| WorkerError::Bind {
+            addr: addr.to_string(),
+            error,
+        })?;
+    let local = listener.local_addr().map_err(|error| WorkerError::Bind {
+        addr: addr.to_string(),
+        error,
+    })?;
+    let name = args.name.unwrap_or_else(|| {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| local.ip().to_string());
+        format!("{host}:{}", local.port())
+    });
+
+    // The first line of stdout is the bound address (a parent that asked for port 0 reads it).
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "dtf-worker listening on {local}");
+        let _ = out.flush();
+    }
+    info!(
+        %local,
+        name = %name,
+        slots,
+        cache = %cache_dir.display(),
+        cache_max = %format_size(args.cache_max),
+        auth = token.is_some(),
+        "serving"
+    );
+
+    if nix::unistd::geteuid().is_root() {
+        tracing::warn!(
+            "running as root: whoever holds the token can run any code as root; prefer an unprivileged user"
+        );
+    }
+    let shared = service::Shared::new(name, slots, cache, std::env::temp_dir());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(stop_on_signals(stop_tx.clone()));
+    if args.exit_on_stdin_eof {
+        std::thread::spawn(move || {
+            // Blocks until the parent closes our stdin (or dies).
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            info!("standard input closed: shutting down");
+            stop_tx.send_replace(true);
+        });
+    }
+    service::serve(listener, shared, token, stop_rx).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn stop_on_signals(stop: watch::Sender<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => info!("SIGINT: shutting down"),
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+    }
+    stop.send_replace(true);
+}
+
+async fn status(addr: &str, json: bool, token_file: Option<&Path>) -> Result<(), WorkerError> {
+    let token = load_token(token_file)?;
+    let addr = if addr.contains(':') {
+        addr.to_owned()
+    } else {
+        format!("{addr}:{}", protocol::DEFAULT_PORT)
+    };
+    let hello = Hello {
+        run: "dtf-worker status".to_owned(),
+    };
+    let conn = protocol::connect(&addr, token.as_ref(), hello, STATUS_LIMIT).await?;
+    let status = conn
+        .client
+        .status(protocol::context_within(STATUS_LIMIT))
+        .await
+        .map_err(|error| WorkerError::Status {
+            addr: addr.clone(),
+            error,
+        })?;
+    let mut out = std::io::stdout().lock();
+    let text = if json {
+        serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
+    } else {
+        render_status(&status)
+    };
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+    Ok(())
+}
+
+fn render_status(s: &WorkerStatus) -> String {
+    let mut out = String::new();
+    let mut line = |l: String| {
+        out.push_str(&l);
+        out.push('\n');
+    };
+    line(format!(
+        "worker      {} (dtf-worker {}, protocol {})",
+        s.name, s.version, s.protocol
+    ));
+    line(format!(
+        "uptime      {}",
+        format_duration(Duration::from_secs(s.uptime_secs.max(1)))
+    ));
+    line(format!(
+        "slots       {} ({} running, {} waiting)",
+        s.slots,
+        s.running.len(),
+        s.waiting
+    ));
+    line(format!("runs        {} connected", s.connections));
+    line(format!("tests run   {}", s.tests_run));
+    line(format!(
+        "cache       {} binaries, {} of {}; {} hits, {} misses; {} received",
+        s.cache_entries,
+        human_bytes(s.cache_bytes),
+        human_bytes(s.cache_max),
+        s.cache_hits,
+        s.cache_misses,
+        human_bytes(s.bytes_received)
+    ));
+    if !s.running.is_empty() {
+        line("running".to_owned());
+        for r in &s.running {
+            line(format!(
+                "  {}  for {}  ({})",
+                r.test,
+                format_duration(Duration::from_millis(r.running_ms.max(1))),
+                r.run
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_parses() {
+        let cli =
+            Cli::try_parse_from(["dtf-worker", "--listen", "127.0.0.1:0", "--slots", "3"]).unwrap();
+        assert_eq!(cli.serve.slots, Some(3));
+        assert_eq!(cli.serve.cache_max, 4 << 30);
+        let cli = Cli::try_parse_from(["dtf-worker", "status", "h:1", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Status { json: true, .. })
+        ));
+        assert!(Cli::try_parse_from(["dtf-worker", "--cache-max", "lots"]).is_err());
+    }
+}

@@ -188,7 +188,9 @@ impl Args {
 /// Parses a duration such as `500ms`, `2s`, `1.5s`, `1m`, `1h` or `250us`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || {
-        format!("invalid duration `{s}`: expected a number followed by a unit, such as 500ms, 2s or 1m")
+        format!(
+            "invalid duration `{s}`: expected a number followed by a unit, such as 500ms, 2s or 1m"
+        )
     };
     let s = s.trim();
     let split = s
@@ -214,7 +216,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses a size such as `512MiB`, `1GB`, `64KiB` or `1048576` (bytes).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("invalid size `{s}`: expected a number and a unit, such as 512MiB or 2GiB");
+    let bad =
+        || format!("invalid size `{s}`: expected a number and a unit, such as 512MiB or 2GiB");
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
@@ -229,10 +232,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "GiB" => 1 << 30,
         _ => return Err(bad()),
     };
-    number
-        .checked_mul(scale)
-        .filter(|&n| n > 0)
-        .ok_or_else(bad)
+    number.checked_mul(scale).filter(|&n| n > 0).ok_or_else(bad)
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -268,14 +268,41 @@ mod tests {
         let a = args(&["--list", "--format", "terse"]).unwrap();
         assert!(a.list);
         assert_eq!(a.format(), Format::Terse);
-        let a = args(&["-Z", "unstable-options", "--format", "json", "--show-output"]).unwrap();
+        let a = args(&[
+            "-Z",
+            "unstable-options",
+            "--format",
+            "json",
+            "--show-output",
+        ])
+        .unwrap();
         assert_eq!(a.format(), Format::Json);
-        let a = args(&["--skip", "x", "--skip", "y", "f1", "f2", "--no-capture", "-q"]).unwrap();
+        let a = args(&[
+            "--skip",
+            "x",
+            "--skip",
+            "y",
+            "f1",
+            "f2",
+            "--no-capture",
+            "-q",
+        ])
+        .unwrap();
         assert_eq!(a.skip, ["x", "y"]);
         assert_eq!(a.filters, ["f1", "f2"]);
         assert!(a.nocapture);
         assert_eq!(a.format(), Format::Terse);
-        assert!(args(&["--test-threads", "3", "--color", "never", "--test", "--bench"]).is_ok());
+        assert!(
+            args(&[
+                "--test-threads",
+                "3",
+                "--color",
+                "never",
+                "--test",
+                "--bench"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

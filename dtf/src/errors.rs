@@ -27,9 +27,8 @@ pub enum Error {
     /// Isolation level `full` was asked for and the kernel refuses namespaces.
     #[error(
         "isolation level `full` is not available: {reason}\n\
-         help: allow unprivileged user namespaces (e.g. `sysctl -w kernel.unprivileged_userns_clone=1`, \
-         or on Ubuntu `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`), \
-         or run with `--isolation full-or-env` (DTF_ISOLATION=full-or-env) to fall back to level `env`"
+         help: fix the cause above, or run with `--isolation full-or-env` (DTF_ISOLATION=full-or-env) \
+         to run these tests at level `env` instead, with a warning"
     )]
     NamespacesRefused {
         /// What the kernel said.

@@ -8,11 +8,17 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use crate::__private::Package;
-use crate::cli::{self, Args, Color, Format};
+use crate::cli::{self, Args, Color, Format, Order};
+use crate::coordinator;
 use crate::errors::Error;
+use crate::history::{self, History};
+use crate::order::{self, Rule};
 use crate::outcome::{Status, TestReport};
 use crate::plan::{Defaults, Plan, Selected, Selection};
 use crate::registry::{Isolation, Registry};
+use crate::report::json::Json;
+use crate::report::junit::{self, Junit};
+use crate::report::progress::{self, Progress, Terminal};
 use crate::report::{Reporters, RunInfo, Summary, pretty::Pretty};
 use crate::runner::{self, Ending, LocalOptions};
 use crate::sandbox::{Sandbox, child, env, namespaces};
@@ -74,6 +80,14 @@ struct Config {
     keep_tmp: bool,
     slow: Duration,
     color: bool,
+    /// `--order` / `DTF_ORDER` (libtest's `--shuffle` and `--shuffle-seed` mean random).
+    order: Order,
+    /// `--junit` / `DTF_JUNIT`.
+    junit: Option<PathBuf>,
+    /// `DTF_HISTORY_DIR`.
+    history_dir: Option<PathBuf>,
+    /// The package's name (part of the history file's name).
+    package: &'static str,
 }
 
 impl Config {
@@ -123,6 +137,12 @@ impl Config {
                 std::io::stdout().is_terminal() && env_var("NO_COLOR").is_none()
             }
         };
+        let order = match (args.order, args.shuffle_seed) {
+            (Some(order), _) => order,
+            (None, Some(seed)) => Order::Random(Some(seed)),
+            (None, None) if args.shuffle => Order::Random(None),
+            (None, None) => parse_env("DTF_ORDER", |s| s.parse())?.unwrap_or(Order::History),
+        };
         let cwd = PathBuf::from(package.manifest_dir);
         Ok(Config {
             slots,
@@ -142,6 +162,14 @@ impl Config {
             keep_tmp: env_var("DTF_KEEP_TMP").is_some_and(|v| v != "0"),
             slow: args.slow.unwrap_or(Duration::from_secs(60)),
             color,
+            order,
+            junit: args
+                .junit
+                .clone()
+                .or_else(|| env_var("DTF_JUNIT"))
+                .map(PathBuf::from),
+            history_dir: env_var(history::DIR_VAR).map(PathBuf::from),
+            package: package.name,
         })
     }
 }
@@ -155,10 +183,9 @@ async fn run_tests(
     let mut defaults = config.defaults.clone();
     if Plan::needs_namespaces(selected, &defaults) {
         if let Err(reason) = namespaces::probe() {
-            let wants_fallback = defaults.isolation == Isolation::FullOrEnv
-                || selected
-                    .iter()
-                    .any(|s| s.test.def.isolation == Some(Isolation::FullOrEnv));
+            // A run-wide `full-or-env` lets every test fall back. Otherwise only tests marked
+            // `full-or-env` may, and one test at `full` (by attribute or run-wide) stops the run.
+            let wants_fallback = defaults.isolation == Isolation::FullOrEnv;
             let insists = selected.iter().any(|s| {
                 s.runs && s.test.def.isolation.unwrap_or(defaults.isolation) == Isolation::Full
             });
@@ -166,30 +193,36 @@ async fn run_tests(
                 return Err(Error::NamespacesRefused { reason });
             }
             eprintln!(
-                "warning: isolation level `full` is not available ({reason}); running at level `env` instead"
+                "warning: isolation level `full` is not available, so its tests run at level `env`: {reason}"
             );
             defaults.full_becomes = Isolation::Env;
         }
     }
     let plan = Plan::new(selected, &defaults);
+    // `--workers` / `DTF_WORKERS`: run on dtf-worker services instead of locally.
+    let workers = coordinator::Options::from_env(
+        args.workers.as_deref(),
+        config.slots,
+        args.fail_fast,
+        config.slow,
+    )?;
     let exe = std::env::current_exe()
         .map_err(|e| Error::Workers(format!("cannot find this test binary: {e}")))?;
 
-    let mut reporters = Reporters::default();
-    let format = args.format();
-    reporters.push(Box::new(Pretty::new(
-        crate::report::stdout(),
-        format == Format::Terse,
-        config.color,
-        args.show_output,
-    )));
+    let mut reporters = make_reporters(args, config, selected);
+    let suite = suite_name(&exe);
+    let history_file =
+        history::path_for(config.history_dir.as_deref(), &exe, config.package, &suite);
+    // The order every runner (local or distributed) starts tests in.
+    let (order, shuffle_seed) = start_order(&plan, config.order, &history_file);
 
     let started = Instant::now();
     let info = RunInfo {
-        suite: suite_name(&exe),
+        suite,
         total: selected.len(),
         filtered_out,
         slots: config.slots,
+        shuffle_seed,
     };
     reporters.run_started(&info);
     let mut summary = Summary {
@@ -209,25 +242,122 @@ async fn run_tests(
         summary.add(&report);
     }
 
-    let order: Vec<usize> = (0..plan.tests.len()).collect();
     let sandbox = Sandbox::new(exe, std::env::temp_dir(), config.keep_tmp);
     let options = LocalOptions {
         slots: config.slots,
         fail_fast: args.fail_fast,
         slow: config.slow,
     };
-    let (reports, ending) =
-        runner::run_local(&plan, order, &sandbox, &options, &mut reporters).await;
+    let (reports, ending) = match &workers {
+        Some(workers) => {
+            let outcome = coordinator::run(&plan, order, &sandbox, workers, &mut reporters).await?;
+            summary.notes.extend(outcome.notes);
+            (outcome.reports, outcome.ending)
+        }
+        None => runner::run_local(&plan, order, &sandbox, &options, &mut reporters).await,
+    };
     for report in &reports {
         summary.add(report);
     }
     summary.duration = started.elapsed();
     reporters.run_finished(&summary);
+    record_history(&history_file, &reports);
     Ok(match ending {
         Ending::Interrupted(signal) => 128 + signal,
         Ending::Completed if summary.success(args.flaky_fails) => 0,
         Ending::Completed => EXIT_FAILED,
     })
+}
+
+/// The reporters of a run: the format's own on stdout (pretty and terse with a live progress
+/// line on a terminal), plus a JUnit file with `--junit` / `DTF_JUNIT`.
+fn make_reporters(args: &Args, config: &Config, selected: &[Selected<'_>]) -> Reporters {
+    let mut reporters = Reporters::default();
+    let format = args.format();
+    let classnames = || {
+        selected
+            .iter()
+            .map(|s| (s.test.name.clone(), s.test.def.module_path.to_owned()))
+            .collect()
+    };
+    match format {
+        Format::Pretty | Format::Terse => {
+            let terse = format == Format::Terse;
+            // Live output of `--nocapture` tests would tear the line: no progress then.
+            if progress::wanted() && config.defaults.capture {
+                let term = Terminal::new(crate::report::stdout());
+                let pretty = Pretty::new(
+                    Box::new(term.clone()),
+                    terse,
+                    config.color,
+                    args.show_output,
+                );
+                reporters.push(Box::new(pretty));
+                reporters.push(Box::new(Progress::new(term)));
+            } else {
+                let out = crate::report::stdout();
+                reporters.push(Box::new(Pretty::new(
+                    out,
+                    terse,
+                    config.color,
+                    args.show_output,
+                )));
+            }
+        }
+        Format::Json => {
+            reporters.push(Box::new(Json::new(
+                crate::report::stdout(),
+                args.show_output,
+            )));
+        }
+        Format::Junit => {
+            let sink = junit::Sink::Stdout(crate::report::stdout());
+            reporters.push(Box::new(Junit::new(sink, classnames(), args.show_output)));
+        }
+    }
+    if let Some(path) = &config.junit {
+        let sink = junit::Sink::File(path.clone());
+        reporters.push(Box::new(Junit::new(sink, classnames(), args.show_output)));
+    }
+    reporters
+}
+
+/// The order to start the plan's tests in, with the seed of a random order. The history is
+/// read only for `--order history`; when it cannot be read the run warns and goes on.
+fn start_order(
+    plan: &Plan,
+    order: Order,
+    history_file: &std::path::Path,
+) -> (Vec<usize>, Option<u64>) {
+    let names: Vec<&str> = plan.tests.iter().map(|t| t.name.as_str()).collect();
+    let (rule, seed) = match order {
+        Order::History => (Rule::History, None),
+        Order::Name => (Rule::Name, None),
+        Order::Random(seed) => {
+            let seed = seed.unwrap_or_else(order::fresh_seed);
+            (Rule::Random(seed), Some(seed))
+        }
+    };
+    let history = if rule == Rule::History && names.len() > 1 {
+        History::load(history_file).unwrap_or_else(|e| {
+            eprintln!("warning: ignoring the test history: {e}");
+            History::new()
+        })
+    } else {
+        History::new()
+    };
+    (order::order(&names, &history, rule), seed)
+}
+
+/// Adds the run's durations and outcomes to the history; a failure only warns.
+fn record_history(history_file: &std::path::Path, reports: &[TestReport]) {
+    let entries: Vec<history::Entry> = reports
+        .iter()
+        .filter_map(history::Entry::from_report)
+        .collect();
+    if let Err(e) = History::update(history_file, &entries) {
+        eprintln!("warning: cannot record test durations: {e}");
+    }
 }
 
 /// Prints the test list as libtest does: `NAME: test` lines, then (except in terse format) a

@@ -20,10 +20,14 @@
 pub use dtf_macros::test;
 
 pub mod cli;
+pub mod coordinator;
 pub mod errors;
 mod harness;
+pub mod history;
+pub mod order;
 pub mod outcome;
 pub mod plan;
+pub mod protocol;
 pub mod registry;
 pub mod report;
 pub mod runner;

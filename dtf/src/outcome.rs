@@ -126,9 +126,8 @@ pub fn format_duration(d: Duration) -> String {
     } else if ms % 1000 == 0 {
         format!("{}s", ms / 1000)
     } else {
-        format!("{:.3}s", d.as_secs_f64())
-            .trim_end_matches('0')
-            .to_owned()
+        let secs = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", secs.trim_end_matches('0').trim_end_matches('.'))
     }
 }
 
@@ -336,6 +335,9 @@ mod tests {
         assert_eq!(out.truncated, 3);
         let all = String::from_utf8(out.combined()).unwrap();
         assert!(all.starts_with("hello wo\n[dtf: output truncated, 3 more bytes"));
-        assert_eq!(out.stream(Stream::Stdout), b"hello \n[dtf: output truncated, 3 more bytes were not kept]\n");
+        assert_eq!(
+            out.stream(Stream::Stdout),
+            b"hello \n[dtf: output truncated, 3 more bytes were not kept]\n"
+        );
     }
 }

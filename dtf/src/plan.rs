@@ -39,7 +39,11 @@ impl Selection {
     pub fn apply<'r>(&self, registry: &'r Registry) -> (Vec<Selected<'r>>, usize) {
         let candidates: Vec<&Test> = if self.exact && !self.filters.is_empty() {
             // Exact names are looked up, not searched for.
-            let mut found: Vec<&Test> = self.filters.iter().filter_map(|f| registry.get(f)).collect();
+            let mut found: Vec<&Test> = self
+                .filters
+                .iter()
+                .filter_map(|f| registry.get(f))
+                .collect();
             found.sort_by(|a, b| a.name.cmp(&b.name));
             found.dedup_by(|a, b| a.name == b.name);
             found
@@ -47,7 +51,10 @@ impl Selection {
             registry
                 .tests()
                 .iter()
-                .filter(|t| self.filters.is_empty() || self.filters.iter().any(|f| t.name.contains(f.as_str())))
+                .filter(|t| {
+                    self.filters.is_empty()
+                        || self.filters.iter().any(|f| t.name.contains(f.as_str()))
+                })
                 .collect()
         };
         let selected: Vec<Selected> = candidates
@@ -76,7 +83,7 @@ impl Selection {
 /// Run-wide settings that attributes may override.
 #[derive(Clone, Debug)]
 pub struct Defaults {
-    /// `--isolation` / `DTF_ISOLATION`, already resolved (never `full-or-env`).
+    /// `--isolation` / `DTF_ISOLATION` (tests without an `isolation` attribute get it).
     pub isolation: Isolation,
     /// What `full` means in this run: `Env` when the user chose the fallback and namespaces
     /// are refused.
@@ -200,7 +207,10 @@ mod tests {
         let registry = Registry::from_defs(DEFS.iter());
         let (selected, filtered) = sel.apply(&registry);
         (
-            selected.iter().map(|s| (s.test.name.clone(), s.runs)).collect(),
+            selected
+                .iter()
+                .map(|s| (s.test.name.clone(), s.runs))
+                .collect(),
             filtered,
         )
     }
@@ -214,7 +224,12 @@ mod tests {
         let (got, filtered) = names(&Selection::default());
         assert_eq!(
             got,
-            [n("alpha", true), n("nested::beta", true), n("panics", true), n("slow", false)]
+            [
+                n("alpha", true),
+                n("nested::beta", true),
+                n("panics", true),
+                n("slow", false)
+            ]
         );
         assert_eq!(filtered, 0);
     }
@@ -249,7 +264,10 @@ mod tests {
         };
         assert_eq!(
             names(&all),
-            (vec![n("alpha", true), n("nested::beta", true), n("slow", true)], 1)
+            (
+                vec![n("alpha", true), n("nested::beta", true), n("slow", true)],
+                1
+            )
         );
     }
 }

@@ -52,7 +52,9 @@ pub async fn run_local(
 
     loop {
         while running.len() < options.slots {
-            let Some(job) = scheduler.next_job() else { break };
+            let Some(job) = scheduler.next_job() else {
+                break;
+            };
             let test = &plan.tests[job.test];
             if job.attempt == 1 {
                 reporters.test_started(&test.name);
@@ -80,6 +82,8 @@ pub async fn run_local(
                     reports.push(report);
                     if failed && options.fail_fast {
                         stop(plan, &mut scheduler, &mut running, &mut reports, reporters).await;
+                        // What was in flight is reported and will never be recorded.
+                        break;
                     }
                 }
             }
@@ -113,7 +117,8 @@ async fn stop(
     let mut not_run = scheduler.stop();
     running.shutdown().await;
     // Whatever was in flight is reported as not run too.
-    let reported: std::collections::HashSet<&str> = reports.iter().map(|r| r.name.as_str()).collect();
+    let reported: std::collections::HashSet<&str> =
+        reports.iter().map(|r| r.name.as_str()).collect();
     let in_flight: Vec<usize> = (0..plan.tests.len())
         .filter(|&i| !reported.contains(plan.tests[i].name.as_str()) && !not_run.contains(&i))
         .collect();

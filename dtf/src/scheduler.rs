@@ -218,10 +218,21 @@ mod tests {
     #[test]
     fn runs_in_the_given_order_and_finishes() {
         let mut s = Scheduler::new(vec![2, 0, 1], &[0, 0, 0]);
-        let jobs: Vec<usize> = std::iter::from_fn(|| s.next_job()).map(|j| j.test).collect();
+        let jobs: Vec<usize> = std::iter::from_fn(|| s.next_job())
+            .map(|j| j.test)
+            .collect();
         assert_eq!(jobs, [2, 0, 1]);
         for t in jobs {
-            let f = s.record(Job { test: t, attempt: 1 }, pass(), false).unwrap();
+            let f = s
+                .record(
+                    Job {
+                        test: t,
+                        attempt: 1,
+                    },
+                    pass(),
+                    false,
+                )
+                .unwrap();
             assert_eq!(f.status, Status::Passed);
         }
         assert!(s.is_done());
@@ -233,7 +244,14 @@ mod tests {
         let a = s.next_job().unwrap();
         assert_eq!(s.record(a, fail(), false), None);
         let retry = s.next_job().unwrap();
-        assert_eq!(retry, Job { test: 0, attempt: 2 }, "a retry jumps the queue");
+        assert_eq!(
+            retry,
+            Job {
+                test: 0,
+                attempt: 2
+            },
+            "a retry jumps the queue"
+        );
         let f = s.record(retry, pass(), false).unwrap();
         assert_eq!(f.status, Status::Flaky);
         assert_eq!(f.attempts.len(), 2);
@@ -287,7 +305,10 @@ mod tests {
         let job = s.next_job().unwrap();
         assert_eq!(s.record(job, system(), true), None);
         let job = s.next_job().unwrap();
-        assert_eq!(job.attempt, 1, "an infrastructure failure is not an attempt");
+        assert_eq!(
+            job.attempt, 1,
+            "an infrastructure failure is not an attempt"
+        );
         assert_eq!(s.record(job, system(), true), None);
         let job = s.next_job().unwrap();
         let f = s.record(job, system(), true).unwrap();

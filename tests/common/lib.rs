@@ -46,7 +46,7 @@ fn build(package: &str, kind: &str, name: &str, features: &[&str]) -> PathBuf {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
         .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("cargo built no executable for {key}"));
     built.insert(key, exe.clone());
     exe
@@ -164,7 +164,8 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Run {
 pub fn dtf_command(binary: &Path) -> Command {
     let mut cmd = Command::new(binary);
     for (name, _) in std::env::vars() {
-        if name.starts_with("DTF_") || name.starts_with("RUST_TEST_") || name.starts_with("NEXTEST") {
+        if name.starts_with("DTF_") || name.starts_with("RUST_TEST_") || name.starts_with("NEXTEST")
+        {
             cmd.env_remove(name);
         }
     }
@@ -202,3 +203,6 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+mod workers;
+pub use workers::*;

@@ -1,7 +1,10 @@
 //! Reporters: turn the run's events into libtest's pretty and terse output (and, in sibling
 //! modules, JSON and JUnit). Every reporter sees the same events in the same order.
 
+pub mod json;
+pub mod junit;
 pub mod pretty;
+pub mod progress;
 
 use std::io::{self, Write};
 use std::time::Duration;
@@ -19,6 +22,8 @@ pub struct RunInfo {
     pub filtered_out: usize,
     /// Tests that may run at once.
     pub slots: usize,
+    /// The seed of a random order (`--order random`), printed so the order can be replayed.
+    pub shuffle_seed: Option<u64>,
 }
 
 /// The counts of a finished run.

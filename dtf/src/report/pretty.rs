@@ -54,6 +54,18 @@ impl Pretty {
     }
 
     fn word(&self, report: &TestReport) -> Option<String> {
+        let word = self.status_word(report)?;
+        Some(if report.rerun_after_lost_worker {
+            format!(
+                "{word} ({})",
+                self.paint("rerun after a lost worker", YELLOW)
+            )
+        } else {
+            word
+        })
+    }
+
+    fn status_word(&self, report: &TestReport) -> Option<String> {
         Some(match &report.status {
             Status::Passed => self.paint("ok", GREEN),
             Status::Flaky => format!(
@@ -94,7 +106,11 @@ impl Pretty {
                     continue;
                 }
                 let title = if count > 1 {
-                    format!("---- {} stdout (attempt {} of {count}) ----\n", report.name, i + 1)
+                    format!(
+                        "---- {} stdout (attempt {} of {count}) ----\n",
+                        report.name,
+                        i + 1
+                    )
                 } else {
                     format!("---- {} stdout ----\n", report.name)
                 };
@@ -144,7 +160,12 @@ impl Reporter for Pretty {
         self.total = info.total;
         self.announce_start = info.slots == 1 && !self.terse;
         let noun = if info.total == 1 { "test" } else { "tests" };
-        write!(self.out, "\nrunning {} {noun}\n", info.total)?;
+        // libtest's wording for a shuffled run, so the seed can be replayed.
+        let seed = info
+            .shuffle_seed
+            .map(|seed| format!(" (shuffle seed: {seed})"))
+            .unwrap_or_default();
+        write!(self.out, "\nrunning {} {noun}{seed}\n", info.total)?;
         self.out.flush()
     }
 
@@ -157,17 +178,17 @@ impl Reporter for Pretty {
     }
 
     fn test_slow(&mut self, name: &str, threshold: Duration) -> io::Result<()> {
-        if !self.terse {
-            let secs = threshold.as_secs();
-            let unit = if secs == 1 { "second" } else { "seconds" };
-            if self.announce_start {
-                writeln!(self.out, "has been running for over {secs} {unit}")?;
-            } else {
-                writeln!(self.out, "test {name} has been running for over {secs} {unit}")?;
-            }
-            self.out.flush()?;
-        }
-        Ok(())
+        // libtest's line, in every format and also after a single-slot `test NAME ... `.
+        let secs = threshold.as_secs();
+        let over = if threshold.subsec_nanos() != 0 {
+            crate::outcome::format_duration(threshold)
+        } else if secs == 1 {
+            "1 second".to_owned()
+        } else {
+            format!("{secs} seconds")
+        };
+        writeln!(self.out, "test {name} has been running for over {over}")?;
+        self.out.flush()
     }
 
     fn test_finished(&mut self, report: &TestReport) -> io::Result<()> {
@@ -231,7 +252,11 @@ impl Reporter for Pretty {
         if summary.not_run > 0 {
             write!(self.out, "; {} not run", summary.not_run)?;
         }
-        write!(self.out, "\n\n")?;
+        writeln!(self.out)?;
+        for note in &summary.notes {
+            writeln!(self.out, "{note}")?;
+        }
+        writeln!(self.out)?;
         self.out.flush()
     }
 }

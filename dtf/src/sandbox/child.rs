@@ -73,6 +73,10 @@ fn take_result_channel() -> Option<File> {
 }
 
 /// Establishes what the spec asks before the test runs: a memory limit and namespaces.
+///
+/// The limit comes first: forked processes inherit it, and at level `full` it also sizes the
+/// test's `/tmp`. At level `full` this process becomes the relay of a new PID namespace and
+/// only the forked test process returns here (see [`namespaces`]).
 fn prepare(spec: &ChildSpec) -> Result<(), String> {
     if let Some(limit) = spec.memory {
         use nix::sys::resource::{Resource, setrlimit};

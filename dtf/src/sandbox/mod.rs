@@ -168,7 +168,9 @@ impl Sandbox {
         let mut stderr = child.stderr.take();
         let mut output = Output::default();
         let cap = self.output_cap;
-        let timeout_at = spec.timeout.map(|t| tokio::time::Instant::from_std(started + t));
+        let timeout_at = spec
+            .timeout
+            .map(|t| tokio::time::Instant::from_std(started + t));
         let mut status: Option<ExitStatus> = None;
         let mut timed_out = false;
         let mut drain_until: Option<tokio::time::Instant> = None;
@@ -286,7 +288,12 @@ impl TestDir {
         let dir = tempfile::Builder::new()
             .prefix(&format!("dtf-{prefix}-"))
             .tempdir_in(root)
-            .map_err(|e| format!("cannot create a temporary directory in {}: {e}", root.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot create a temporary directory in {}: {e}",
+                    root.display()
+                )
+            })?;
         for sub in ["home", "tmp"] {
             std::fs::create_dir(dir.path().join(sub))
                 .map_err(|e| format!("cannot create {}: {e}", dir.path().join(sub).display()))?;

@@ -1,0 +1,487 @@
+//! The worker service: accepts coordinator connections, authenticates each before serving
+//! anything, and serves the [`Worker`] protocol on it.
+//!
+//! Each connection is one run. Its request handlers run as tasks owned by the connection:
+//! when the coordinator disconnects (or its socket errors, or it sends a malformed or
+//! oversized frame), every handler is aborted, which kills the process groups of its running
+//! tests and removes their temporary directories (see [`dtf::sandbox::Sandbox::run`]).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use dtf::outcome::Failure;
+use dtf::protocol::{
+    self, Chunk, Digest, Hello, RunRequest, RunResponse, RunningTest, Token, UploadError,
+    UploadProgress, Worker, WorkerInfo, WorkerStatus,
+};
+use dtf::registry::Isolation;
+use dtf::sandbox::Sandbox;
+use futures::StreamExt;
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::fair::{RunId, SlotPool};
+
+/// How long a new connection may take to authenticate.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Requests one connection may have in flight (a coordinator keeps slots + 2 runs and a ping).
+const MAX_REQUESTS_PER_CONNECTION: usize = 1024;
+
+/// The most digests one `missing` call may ask about.
+const MAX_DIGESTS: usize = 64;
+
+/// The longest run label kept.
+const MAX_LABEL: usize = 200;
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The worker's name.
+    pub name: String,
+    /// Tests at once.
+    pub slots: usize,
+    /// The binary cache.
+    pub cache: Cache,
+    /// Where tests' temporary directories go.
+    pub tmp_root: PathBuf,
+    pool: Arc<SlotPool>,
+    started: Instant,
+    tests_run: AtomicU64,
+    connections: AtomicU32,
+    next_id: AtomicU64,
+    running: Mutex<HashMap<u64, Running>>,
+}
+
+struct Running {
+    test: String,
+    run: String,
+    since: Instant,
+}
+
+impl Shared {
+    /// The worker's shared state.
+    pub fn new(name: String, slots: usize, cache: Cache, tmp_root: PathBuf) -> Arc<Shared> {
+        Arc::new(Shared {
+            name,
+            slots,
+            cache,
+            tmp_root,
+            pool: SlotPool::new(slots),
+            started: Instant::now(),
+            tests_run: AtomicU64::new(0),
+            connections: AtomicU32::new(0),
+            next_id: AtomicU64::new(1),
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn status(&self) -> WorkerStatus {
+        let cache = self.cache.stats();
+        let mut running: Vec<RunningTest> = self
+            .running()
+            .values()
+            .map(|r| RunningTest {
+                test: r.test.clone(),
+                run: r.run.clone(),
+                running_ms: r.since.elapsed().as_millis() as u64,
+            })
+            .collect();
+        running.sort_by_key(|r| std::cmp::Reverse(r.running_ms));
+        WorkerStatus {
+            name: self.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol: protocol::PROTOCOL_VERSION,
+            slots: self.slots as u32,
+            connections: self.connections.load(Ordering::Relaxed),
+            running,
+            waiting: self.pool.waiting() as u32,
+            tests_run: self.tests_run.load(Ordering::Relaxed),
+            cache_entries: cache.entries,
+            cache_bytes: cache.bytes,
+            cache_max: cache.max,
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            bytes_received: cache.received,
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+}
+
+/// One coordinator connection's view of the service.
+#[derive(Clone)]
+struct Conn {
+    shared: Arc<Shared>,
+    id: RunId,
+    state: Arc<Mutex<ConnState>>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    label: String,
+    pins: HashSet<Digest>,
+    uploads: HashMap<Digest, crate::cache::Upload>,
+}
+
+impl Conn {
+    fn state(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pins `digest` for this connection once (so it survives until the connection closes).
+    fn pin(&self, digest: Digest) -> bool {
+        let mut state = self.state();
+        if state.pins.contains(&digest) {
+            return true;
+        }
+        if self.shared.cache.pin(&digest) {
+            state.pins.insert(digest);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Releases what the connection held: pins and partial uploads.
+    fn close(&self) {
+        let mut state = self.state();
+        for digest in state.pins.drain() {
+            self.shared.cache.unpin(&digest);
+        }
+        state.uploads.clear();
+        self.shared.pool.forget(self.id);
+    }
+
+    fn upload_chunk(&self, chunk: Chunk) -> Result<UploadProgress, UploadError> {
+        let cache = &self.shared.cache;
+        let mut state = self.state();
+        let mut upload = match state.uploads.remove(&chunk.digest) {
+            Some(upload) => upload,
+            None if chunk.offset == 0 => cache.begin(chunk.digest, chunk.total)?,
+            None => {
+                return Err(UploadError::OutOfOrder {
+                    expected: 0,
+                    got: chunk.offset,
+                });
+            }
+        };
+        if !cache.write(&mut upload, &chunk)? {
+            state.uploads.insert(chunk.digest, upload);
+            return Ok(UploadProgress::Partial(
+                chunk.offset + chunk.data.len() as u64,
+            ));
+        }
+        drop(state);
+        cache.finish(upload)?;
+        let mut state = self.state();
+        // `finish` pinned it once for us.
+        if !state.pins.insert(chunk.digest) {
+            cache.unpin(&chunk.digest);
+        }
+        Ok(UploadProgress::Stored)
+    }
+}
+
+/// Removes a test from the running list when its handler ends or is aborted.
+struct RunningGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.running().remove(&self.id);
+    }
+}
+
+fn system_failure(shared: &Shared, message: String) -> RunResponse {
+    RunResponse {
+        failure: Some(Failure::System { message }),
+        duration: Duration::ZERO,
+        output: Default::default(),
+        worker: shared.name.clone(),
+    }
+}
+
+impl Worker for Conn {
+    async fn hello(self, _: Context, hello: Hello) -> WorkerInfo {
+        let label: String = hello
+            .run
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_LABEL)
+            .collect();
+        info!(run = self.id, label = %label, "run started");
+        self.state().label = label;
+        WorkerInfo {
+            name: self.shared.name.clone(),
+            slots: self.shared.slots as u32,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    async fn missing(self, _: Context, digests: Vec<Digest>) -> Vec<Digest> {
+        let digests = &digests[..digests.len().min(MAX_DIGESTS)];
+        let (missing, pinned) = self.shared.cache.check_and_pin(digests);
+        let mut state = self.state();
+        for digest in pinned {
+            if !state.pins.insert(digest) {
+                self.shared.cache.unpin(&digest);
+            }
+        }
+        missing
+    }
+
+    async fn upload(self, _: Context, chunk: Chunk) -> Result<UploadProgress, UploadError> {
+        let digest = chunk.digest;
+        let result = tokio::task::block_in_place(|| self.upload_chunk(chunk));
+        match &result {
+            Ok(UploadProgress::Stored) => {
+                info!(run = self.id, digest = %digest.short(), "binary stored")
+            }
+            Ok(UploadProgress::Partial(_)) => {}
+            Err(e) => warn!(run = self.id, digest = %digest.short(), "upload refused: {e}"),
+        }
+        result
+    }
+
+    async fn run(self, _: Context, request: RunRequest) -> RunResponse {
+        let RunRequest { digest, mut spec } = request;
+        let shared = &self.shared;
+        if spec.isolation == Isolation::FullOrEnv {
+            spec.isolation = Isolation::Full;
+        }
+        // Output always comes back in the response.
+        spec.capture = true;
+        let _permit = shared.pool.acquire(self.id).await;
+        let Some(path) = shared.cache.use_binary(&digest) else {
+            return system_failure(
+                shared,
+                format!(
+                    "the test binary {} is not in worker {}'s cache (it was never uploaded on this connection)",
+                    digest.short(),
+                    shared.name
+                ),
+            );
+        };
+        self.pin(digest);
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let label = self.state().label.clone();
+        shared.running().insert(
+            id,
+            Running {
+                test: spec.test.clone(),
+                run: label,
+                since: Instant::now(),
+            },
+        );
+        let _running = RunningGuard { shared, id };
+        let sandbox = Sandbox::new(path, shared.tmp_root.clone(), false);
+        let attempt = sandbox.run(&spec).await;
+        shared.tests_run.fetch_add(1, Ordering::Relaxed);
+        match &attempt.failure {
+            None => {
+                info!(run = self.id, test = %spec.test, ms = attempt.duration.as_millis() as u64, "passed")
+            }
+            Some(f) => {
+                info!(run = self.id, test = %spec.test, ms = attempt.duration.as_millis() as u64, "failed: {}", f.to_string().lines().next().unwrap_or_default())
+            }
+        }
+        RunResponse {
+            failure: attempt.failure,
+            duration: attempt.duration,
+            output: attempt.output,
+            worker: shared.name.clone(),
+        }
+    }
+
+    async fn ping(self, _: Context) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
+    }
+
+    async fn status(self, _: Context) -> WorkerStatus {
+        self.shared.status()
+    }
+}
+
+/// A stream that reports when its read side ends (EOF or error): the coordinator is gone.
+struct Watched {
+    inner: TcpStream,
+    closed: watch::Sender<bool>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let had_room = buf.remaining() > 0;
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &result {
+            Poll::Ready(Ok(())) if had_room && buf.filled().len() == before => {
+                self.closed.send_replace(true);
+            }
+            Poll::Ready(Err(_)) => {
+                self.closed.send_replace(true);
+            }
+            _ => {}
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, then ends every connection (killing
+/// their tests) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: Option<Token>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(handle(stream, peer, shared.clone(), token.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    warn!("cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    info!(
+        connections = connections.len(),
+        "shutting down: ending every connection"
+    );
+    connections.shutdown().await;
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    token: Option<Token>,
+) {
+    protocol::configure_socket(&stream);
+    match tokio::time::timeout(
+        HANDSHAKE_LIMIT,
+        protocol::server_handshake(&mut stream, token.as_ref()),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(%peer, "refused a connection: {e}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "refused a connection: no handshake within {HANDSHAKE_LIMIT:?}");
+            return;
+        }
+    }
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    info!(%peer, run = id, "coordinator connected");
+    let conn = Conn {
+        shared: shared.clone(),
+        id,
+        state: Arc::new(Mutex::new(ConnState {
+            label: peer.to_string(),
+            ..ConnState::default()
+        })),
+    };
+
+    let (closed_tx, mut closed) = watch::channel(false);
+    let io = Watched {
+        inner: stream,
+        closed: closed_tx,
+    };
+    let transport: protocol::ServerTransport<Watched> = protocol::transport(io);
+    let channel = BaseChannel::with_defaults(transport);
+    let mut requests = Box::pin(
+        channel
+            .max_concurrent_requests(MAX_REQUESTS_PER_CONNECTION)
+            .requests(),
+    );
+    let mut handlers = JoinSet::new();
+    let reason = loop {
+        tokio::select! {
+            next = requests.next() => match next {
+                Some(Ok(request)) => {
+                    handlers.spawn(request.execute(conn.clone().serve()));
+                }
+                Some(Err(e)) => break format!("connection error: {}", error_chain(&e)),
+                None => break "the coordinator closed the connection".to_owned(),
+            },
+            _ = closed.wait_for(|c| *c) => break "the coordinator disconnected".to_owned(),
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+        }
+    };
+    let cancelled = handlers.len();
+    drop(requests);
+    // Aborting a run handler drops its sandbox future: the test's process group is killed and
+    // its temporary directory removed.
+    handlers.shutdown().await;
+    conn.close();
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    if cancelled > 0 {
+        warn!(%peer, run = id, cancelled, "run ended: {reason}; its requests in flight were cancelled");
+    } else {
+        info!(%peer, run = id, "run ended: {reason}");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

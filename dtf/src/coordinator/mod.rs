@@ -1,0 +1,847 @@
+//! The coordinator: runs a plan on `dtf-worker` services (`DTF_WORKERS` / `--workers`).
+//!
+//! It connects to every worker in parallel, ships the test binary to those that lack it, and
+//! then pulls tests from one shared [`Scheduler`] queue into free worker slots, keeping
+//! `slots + LOOKAHEAD` requests in flight per worker so a worker never idles for a round trip
+//! between tests. Results are reported as they arrive, through the same reporters as a local
+//! run.
+//!
+//! Failures:
+//! - a worker unreachable at start is named in a warning and left out; with none reachable
+//!   the run goes local (or fails with `DTF_REQUIRE_WORKERS=1`);
+//! - a worker that dies or hangs is noticed by its heartbeat (a ping every second with a short
+//!   deadline; two misses and it is lost) or by its connection failing; its tests in flight
+//!   are requeued (the scheduler fails a test whose worker was lost [`MAX_WORKER_LOSSES`]
+//!   times); with every worker lost, the rest runs locally;
+//! - an infrastructure failure on a worker (`Failure::System`) is retried elsewhere, bounded
+//!   by the scheduler; a test's own failure never is (beyond its `retries`).
+//!
+//! [`MAX_WORKER_LOSSES`]: crate::scheduler::MAX_WORKER_LOSSES
+
+pub mod local;
+pub mod workers;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tarpc::client::RpcError;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use crate::errors::Error;
+use crate::outcome::{Attempt, Failure, Status, Stream, TestReport};
+use crate::plan::Plan;
+use crate::protocol::{self, RunRequest, Token, WorkerClient, human_bytes};
+use crate::report::Reporters;
+use crate::runner::{self, Ending, LocalOptions, Signals};
+use crate::sandbox::{RunSpec, Sandbox};
+use crate::scheduler::{Job, Scheduler};
+
+pub use workers::WorkersSpec;
+
+/// Requests queued on a worker beyond its slots, so it starts the next test at once.
+pub const LOOKAHEAD: usize = 2;
+
+/// How often each worker is pinged.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a ping may take.
+const PING_LIMIT: Duration = Duration::from_secs(2);
+
+/// Consecutive missed pings that make a worker lost.
+const PING_MISSES: u32 = 2;
+
+/// Deadline of a run request beyond the test's own timeout: time it may wait for a slot on a
+/// worker shared with other runs.
+const QUEUE_ALLOWANCE: Duration = Duration::from_secs(3600);
+
+/// Deadline of a run request for a test without a timeout.
+const NO_TIMEOUT_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The variable that makes a run fail instead of running locally when no worker is reachable.
+pub const REQUIRE_VAR: &str = "DTF_REQUIRE_WORKERS";
+
+/// Settings of a distributed run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where to run.
+    pub workers: WorkersSpec,
+    /// Fail when no worker is reachable instead of running locally.
+    pub require: bool,
+    /// The run's `--test-threads`: slots of the local fallback and of each `local:N` worker
+    /// (divided among them). With 1, tests run one at a time across all workers.
+    pub slots: usize,
+    /// Stop at the first failure.
+    pub fail_fast: bool,
+    /// Notice threshold for slow tests.
+    pub slow: Duration,
+}
+
+impl Options {
+    /// Reads `--workers` (else `DTF_WORKERS`) and `DTF_REQUIRE_WORKERS`. `None` when neither
+    /// names workers: the run is local.
+    pub fn from_env(
+        flag: Option<&str>,
+        slots: usize,
+        fail_fast: bool,
+        slow: Duration,
+    ) -> Result<Option<Options>, Error> {
+        let (value, source) = match flag {
+            Some(v) => (v.to_owned(), "--workers"),
+            None => match std::env::var("DTF_WORKERS")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+            {
+                Some(v) => (v, "DTF_WORKERS"),
+                None => return Ok(None),
+            },
+        };
+        let workers = WorkersSpec::parse(&value, source).map_err(Error::Workers)?;
+        let require = std::env::var(REQUIRE_VAR).is_ok_and(|v| !v.is_empty() && v != "0");
+        Ok(Some(Options {
+            workers,
+            require,
+            slots,
+            fail_fast,
+            slow,
+        }))
+    }
+}
+
+/// What a distributed run produced.
+pub struct Outcome {
+    /// Reports of every test that ran or was stopped.
+    pub reports: Vec<TestReport>,
+    /// How it ended.
+    pub ending: Ending,
+    /// Lines for the summary: workers used, bytes shipped, workers lost, local fallback.
+    pub notes: Vec<String>,
+}
+
+/// Runs `plan` on the workers `options` names, falling back to `sandbox` (local runs) when
+/// none is reachable or all are lost.
+pub async fn run(
+    plan: &Plan,
+    order: Vec<usize>,
+    sandbox: &Sandbox,
+    options: &Options,
+    reporters: &mut Reporters,
+) -> Result<Outcome, Error> {
+    let binary_path = sandbox.program().to_path_buf();
+    let (endpoints, token, local_workers) = match &options.workers {
+        WorkersSpec::Remote(addrs) => {
+            let token = Token::from_env().map_err(|e| Error::Workers(e.to_string()))?;
+            (
+                addrs.iter().map(|a| (a.clone(), None)).collect::<Vec<_>>(),
+                token,
+                None,
+            )
+        }
+        WorkersSpec::Local(n) => {
+            let each = (options.slots / n).max(1);
+            let started = local::start(&binary_path, *n, each)
+                .await
+                .map_err(Error::Workers)?;
+            let token = Token::new(&started.token, "the local workers' token")
+                .map_err(|e| Error::Workers(e.to_string()))?;
+            let endpoints = started
+                .endpoints()
+                .into_iter()
+                .map(|(addr, name)| (addr, Some(name)))
+                .collect();
+            (endpoints, Some(token), Some(started))
+        }
+    };
+
+    let outcome = run_on(
+        plan,
+        order,
+        sandbox,
+        options,
+        reporters,
+        &endpoints,
+        token.as_ref(),
+    )
+    .await;
+    if let Some(workers) = local_workers {
+        workers.stop().await;
+    }
+    outcome
+}
+
+async fn run_on(
+    plan: &Plan,
+    order: Vec<usize>,
+    sandbox: &Sandbox,
+    options: &Options,
+    reporters: &mut Reporters,
+    endpoints: &[(String, Option<String>)],
+    token: Option<&Token>,
+) -> Result<Outcome, Error> {
+    let path = sandbox.program().to_path_buf();
+    let binary = tokio::task::spawn_blocking(move || workers::Binary::read(&path))
+        .await
+        .map_err(|e| Error::Workers(format!("cannot read this test binary: {e}")))?
+        .map_err(|e| {
+            Error::Workers(format!(
+                "cannot read this test binary ({}) to ship it: {e}",
+                sandbox.program().display()
+            ))
+        })?;
+    let run_label = run_label(sandbox.program());
+
+    let connecting = endpoints.iter().map(|(addr, name)| {
+        let binary = binary.clone();
+        let run_label = run_label.clone();
+        async move {
+            let result = workers::prepare(addr, name.clone(), token, &run_label, &binary).await;
+            (addr.clone(), result)
+        }
+    });
+    let mut ready = Vec::new();
+    let mut unreachable = Vec::new();
+    for (addr, result) in futures::future::join_all(connecting).await {
+        match result {
+            Ok(r) => ready.push(r),
+            Err(workers::Unusable::Unreachable(message)) => {
+                warn(&format!(
+                    "worker {addr} is unreachable, going on without it: {message}"
+                ));
+                unreachable.push(addr);
+            }
+            Err(workers::Unusable::Failed(message)) => {
+                warn(&format!(
+                    "cannot use worker {addr}, going on without it: {message}"
+                ));
+                unreachable.push(addr);
+            }
+        }
+    }
+
+    let mut notes = Vec::new();
+    if ready.is_empty() {
+        let names = endpoints
+            .iter()
+            .map(|(a, _)| a.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if options.require {
+            return Err(Error::Workers(format!(
+                "no worker is reachable ({names}) and {REQUIRE_VAR}=1 forbids running the tests locally"
+            )));
+        }
+        let message = format!("no worker is reachable ({names}); running the tests locally");
+        notice(&message);
+        notes.push(format!("dtf: {message}"));
+        let local = LocalOptions {
+            slots: options.slots,
+            fail_fast: options.fail_fast,
+            slow: options.slow,
+        };
+        let (reports, ending) = runner::run_local(plan, order, sandbox, &local, reporters).await;
+        return Ok(Outcome {
+            reports,
+            ending,
+            notes,
+        });
+    }
+
+    let shipped_to = ready.iter().filter(|r| r.shipped > 0).count();
+    let shipped: u64 = ready.iter().map(|r| r.shipped).sum();
+    let mut line = format!(
+        "dtf: {} worker{}; binary shipped to {shipped_to} of {} ({shipped} bytes{}), already cached on {}",
+        ready.len(),
+        if ready.len() == 1 { "" } else { "s" },
+        ready.len(),
+        if shipped >= 1024 {
+            format!(" = {}", human_bytes(shipped))
+        } else {
+            String::new()
+        },
+        ready.len() - shipped_to
+    );
+    if !unreachable.is_empty() {
+        line.push_str(&format!("; left out: {}", unreachable.join(", ")));
+    }
+    notes.push(line);
+
+    let mut dispatcher = Dispatcher::new(plan, order, sandbox, options, binary.digest, ready);
+    let ending = dispatcher.run(reporters).await;
+    notes.extend(dispatcher.notes());
+    Ok(Outcome {
+        reports: dispatcher.reports,
+        ending,
+        notes,
+    })
+}
+
+/// `fixture (pid 42 on host)`: how workers show this run in their status.
+fn run_label(binary: &Path) -> String {
+    let name = binary
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    format!("{name} (pid {} on {host})", std::process::id())
+}
+
+fn warn(message: &str) {
+    eprintln!("dtf: warning: {message}");
+}
+
+fn notice(message: &str) {
+    eprintln!("dtf: {message}");
+}
+
+/// Where an attempt runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Target {
+    Remote(usize),
+    Local,
+}
+
+/// What the tasks tell the dispatch loop.
+enum Event {
+    /// A run request ended.
+    Done {
+        target: Target,
+        id: u64,
+        result: Result<Attempt, RpcError>,
+    },
+    /// A ping ended.
+    Ping { worker: usize, ok: bool },
+}
+
+struct Remote {
+    label: String,
+    client: WorkerClient,
+    slots: usize,
+    alive: bool,
+    missed: u32,
+    ping: Option<AbortHandle>,
+    ran: usize,
+    shipped: u64,
+    setup: Duration,
+}
+
+struct InFlight {
+    job: Job,
+    target: Target,
+    abort: AbortHandle,
+}
+
+struct Dispatcher<'a> {
+    plan: &'a Plan,
+    sandbox: &'a Sandbox,
+    options: &'a Options,
+    digest: protocol::Digest,
+    scheduler: Scheduler,
+    remotes: Vec<Remote>,
+    in_flight: HashMap<u64, InFlight>,
+    next_id: u64,
+    started: HashSet<usize>,
+    running_since: HashMap<usize, (Instant, bool)>,
+    /// Workers that failed a test with an infrastructure failure: tried last for it.
+    avoid: HashMap<usize, HashSet<usize>>,
+    local_mode: bool,
+    ran_locally: usize,
+    lost: Vec<(String, String)>,
+    reports: Vec<TestReport>,
+    tx: mpsc::UnboundedSender<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl<'a> Dispatcher<'a> {
+    fn new(
+        plan: &'a Plan,
+        order: Vec<usize>,
+        sandbox: &'a Sandbox,
+        options: &'a Options,
+        digest: protocol::Digest,
+        ready: Vec<workers::Ready>,
+    ) -> Dispatcher<'a> {
+        let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let remotes = ready
+            .into_iter()
+            .map(|r| Remote {
+                label: r.label,
+                client: r.client,
+                slots: r.slots,
+                alive: true,
+                missed: 0,
+                ping: None,
+                ran: 0,
+                shipped: r.shipped,
+                setup: r.setup,
+            })
+            .collect();
+        Dispatcher {
+            plan,
+            sandbox,
+            options,
+            digest,
+            scheduler: Scheduler::new(order, &retries),
+            remotes,
+            in_flight: HashMap::new(),
+            next_id: 1,
+            started: HashSet::new(),
+            running_since: HashMap::new(),
+            avoid: HashMap::new(),
+            local_mode: false,
+            ran_locally: 0,
+            lost: Vec::new(),
+            reports: Vec::new(),
+            tx,
+            rx,
+        }
+    }
+
+    async fn run(&mut self, reporters: &mut Reporters) -> Ending {
+        for i in 0..self.remotes.len() {
+            let handle = tokio::spawn(heartbeat(
+                i,
+                self.remotes[i].client.clone(),
+                self.tx.clone(),
+            ));
+            self.remotes[i].ping = Some(handle.abort_handle());
+        }
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        let mut signals = Signals::new();
+        let mut ending = Ending::Completed;
+        loop {
+            self.fill(reporters);
+            if self.scheduler.is_done() && self.in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                event = self.rx.recv() => {
+                    // The dispatcher holds a sender, so the channel never closes.
+                    let Some(event) = event else { break };
+                    self.handle(event, reporters);
+                }
+                _ = ticker.tick() => self.slow_notices(reporters),
+                signal = signals.recv() => {
+                    ending = Ending::Interrupted(signal);
+                    self.stop(reporters);
+                    break;
+                }
+            }
+        }
+        for remote in &mut self.remotes {
+            if let Some(ping) = remote.ping.take() {
+                ping.abort();
+            }
+        }
+        ending
+    }
+
+    /// Starts attempts while some target has room.
+    fn fill(&mut self, reporters: &mut Reporters) {
+        loop {
+            if self.options.slots == 1 && !self.in_flight.is_empty() {
+                return; // one test at a time, as --test-threads=1 asks
+            }
+            let Some(any) = self.targets().find(|&t| self.load(t) < self.capacity(t)) else {
+                return;
+            };
+            let Some(job) = self.scheduler.next_job() else {
+                return;
+            };
+            let target = self.target_for(job.test).unwrap_or(any);
+            self.dispatch(job, target, reporters);
+        }
+    }
+
+    fn capacity(&self, target: Target) -> usize {
+        match target {
+            Target::Remote(i) => {
+                if self.remotes[i].alive {
+                    self.remotes[i].slots + LOOKAHEAD
+                } else {
+                    0
+                }
+            }
+            Target::Local => {
+                if self.local_mode {
+                    self.options.slots
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    fn load(&self, target: Target) -> usize {
+        self.in_flight
+            .values()
+            .filter(|f| f.target == target)
+            .count()
+    }
+
+    fn targets(&self) -> impl Iterator<Item = Target> + '_ {
+        (0..self.remotes.len())
+            .map(Target::Remote)
+            .chain(std::iter::once(Target::Local))
+    }
+
+    /// The target with the most free room relative to its size, preferring workers that have
+    /// not failed this test with an infrastructure failure.
+    fn target_for(&self, test: usize) -> Option<Target> {
+        let avoid = self.avoid.get(&test);
+        self.targets()
+            .filter(|&t| self.load(t) < self.capacity(t))
+            .min_by_key(|&t| {
+                let avoided = match t {
+                    Target::Remote(i) => avoid.is_some_and(|a| a.contains(&i)),
+                    Target::Local => false,
+                };
+                // Fill ratio in thousandths: lower is emptier.
+                (avoided, self.load(t) * 1000 / self.capacity(t).max(1))
+            })
+    }
+
+    fn dispatch(&mut self, job: Job, target: Target, reporters: &mut Reporters) {
+        let test = &self.plan.tests[job.test];
+        if self.started.insert(job.test) {
+            reporters.test_started(&test.name);
+        }
+        self.running_since
+            .entry(job.test)
+            .or_insert((Instant::now(), false));
+        let id = self.next_id;
+        self.next_id += 1;
+        let tx = self.tx.clone();
+        let handle = match target {
+            Target::Remote(i) => {
+                let client = self.remotes[i].client.clone();
+                let request = RunRequest {
+                    digest: self.digest,
+                    spec: remote_spec(&test.spec),
+                };
+                let ctx = run_context(test.spec.timeout);
+                tokio::spawn(async move {
+                    let result = client.run(ctx, request).await.map(|r| {
+                        let worker = r.worker.clone();
+                        r.into_attempt(worker)
+                    });
+                    let _ = tx.send(Event::Done { target, id, result });
+                })
+            }
+            Target::Local => {
+                let sandbox = self.sandbox.clone();
+                let spec = test.spec.clone();
+                tokio::spawn(async move {
+                    let attempt = sandbox.run(&spec).await;
+                    let _ = tx.send(Event::Done {
+                        target,
+                        id,
+                        result: Ok(attempt),
+                    });
+                })
+            }
+        };
+        self.in_flight.insert(
+            id,
+            InFlight {
+                job,
+                target,
+                abort: handle.abort_handle(),
+            },
+        );
+    }
+
+    fn handle(&mut self, event: Event, reporters: &mut Reporters) {
+        match event {
+            Event::Ping { worker, ok } => {
+                let remote = &mut self.remotes[worker];
+                if !remote.alive {
+                    return;
+                }
+                if ok {
+                    remote.missed = 0;
+                } else {
+                    remote.missed += 1;
+                    if remote.missed >= PING_MISSES {
+                        let reason = format!(
+                            "it missed {PING_MISSES} heartbeats in a row ({PING_LIMIT:?} deadline each)"
+                        );
+                        self.lose(worker, reason, reporters);
+                    }
+                }
+            }
+            Event::Done { target, id, result } => {
+                // A request of a worker already declared lost was requeued: ignore its answer.
+                let Some(flight) = self.in_flight.remove(&id) else {
+                    return;
+                };
+                let job = flight.job;
+                let mut attempt = match result {
+                    Ok(attempt) => attempt,
+                    Err(e) => {
+                        // Only remote requests fail with an RPC error.
+                        let Target::Remote(i) = target else { return };
+                        match e {
+                            RpcError::DeadlineExceeded | RpcError::Server(_) => Attempt {
+                                failure: Some(Failure::System {
+                                    message: format!(
+                                        "worker {} did not run the test: {e}",
+                                        self.remotes[i].label
+                                    ),
+                                }),
+                                duration: Duration::ZERO,
+                                output: Default::default(),
+                                worker: Some(self.remotes[i].label.clone()),
+                                kept_tmp: None,
+                            },
+                            RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_) => {
+                                // The connection is gone: the worker is lost, and with it this
+                                // and every other request in flight there.
+                                self.in_flight.insert(id, flight);
+                                let reason = format!("its connection failed ({e})");
+                                self.lose(i, reason, reporters);
+                                return;
+                            }
+                        }
+                    }
+                };
+                match target {
+                    Target::Remote(i) => {
+                        self.remotes[i].ran += 1;
+                        attempt.worker = Some(self.remotes[i].label.clone());
+                        if attempt.failure.as_ref().is_some_and(Failure::is_system) {
+                            self.avoid.entry(job.test).or_default().insert(i);
+                        }
+                    }
+                    Target::Local => self.ran_locally += 1,
+                }
+                if !self.plan.tests[job.test].spec.capture && target != Target::Local {
+                    // `--nocapture`: a remote test's output is shown when it arrives.
+                    print_output(&attempt);
+                    attempt.output = Default::default();
+                }
+                self.running_since.remove(&job.test);
+                if let Some(finished) = self.scheduler.record(job, attempt, true) {
+                    let failed = finished.status == Status::Failed;
+                    self.report(runner::into_report(self.plan, finished), reporters);
+                    if failed && self.options.fail_fast {
+                        self.stop(reporters);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Declares worker `i` lost: its requests in flight are cancelled and requeued.
+    fn lose(&mut self, i: usize, reason: String, reporters: &mut Reporters) {
+        let remote = &mut self.remotes[i];
+        if !remote.alive {
+            return;
+        }
+        remote.alive = false;
+        if let Some(ping) = remote.ping.take() {
+            ping.abort();
+        }
+        let label = remote.label.clone();
+        let ids: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.target == Target::Remote(i))
+            .map(|(&id, _)| id)
+            .collect();
+        warn(&format!(
+            "lost worker {label}: {reason}; requeueing its {} test{} in flight",
+            ids.len(),
+            if ids.len() == 1 { "" } else { "s" }
+        ));
+        for id in ids {
+            let Some(flight) = self.in_flight.remove(&id) else {
+                continue;
+            };
+            flight.abort.abort();
+            self.running_since.remove(&flight.job.test);
+            if let Some(finished) = self.scheduler.worker_lost(flight.job) {
+                self.report(runner::into_report(self.plan, finished), reporters);
+            }
+        }
+        self.lost.push((label, reason));
+        if !self.remotes.iter().any(|r| r.alive) && !self.local_mode {
+            self.local_mode = true;
+            if !self.scheduler.is_done() {
+                notice("every worker is lost; running the remaining tests locally");
+            }
+        }
+    }
+
+    fn report(&mut self, report: TestReport, reporters: &mut Reporters) {
+        reporters.test_finished(&report);
+        self.reports.push(report);
+    }
+
+    /// Stops the run: nothing more starts, requests in flight are cancelled (the workers kill
+    /// those tests), and the rest is reported as not run.
+    fn stop(&mut self, reporters: &mut Reporters) {
+        let mut not_run = self.scheduler.stop();
+        for (_, flight) in self.in_flight.drain() {
+            flight.abort.abort();
+            not_run.push(flight.job.test);
+        }
+        not_run.sort_unstable();
+        not_run.dedup();
+        let reported: HashSet<&str> = self.reports.iter().map(|r| r.name.as_str()).collect();
+        let not_run: Vec<usize> = not_run
+            .into_iter()
+            .filter(|&t| !reported.contains(self.plan.tests[t].name.as_str()))
+            .collect();
+        for test in not_run {
+            let report = TestReport {
+                name: self.plan.tests[test].name.clone(),
+                status: Status::NotRun,
+                attempts: Vec::new(),
+                rerun_after_lost_worker: false,
+            };
+            self.report(report, reporters);
+        }
+    }
+
+    fn slow_notices(&mut self, reporters: &mut Reporters) {
+        for (&test, (since, noticed)) in self.running_since.iter_mut() {
+            if !*noticed && since.elapsed() >= self.options.slow {
+                *noticed = true;
+                reporters.test_slow(&self.plan.tests[test].name, self.options.slow);
+            }
+        }
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let per_worker: Vec<String> = self
+            .remotes
+            .iter()
+            .map(|r| {
+                let shipped = if r.shipped > 0 {
+                    format!(
+                        ", shipped {} in {:.2}s",
+                        human_bytes(r.shipped),
+                        r.setup.as_secs_f64()
+                    )
+                } else {
+                    String::new()
+                };
+                format!("{} ran {}{shipped}", r.label, r.ran)
+            })
+            .collect();
+        notes.push(format!("dtf: {}", per_worker.join("; ")));
+        for (label, reason) in &self.lost {
+            notes.push(format!(
+                "dtf: lost worker {label} during the run ({reason}); its tests were rerun"
+            ));
+        }
+        if self.ran_locally > 0 {
+            notes.push(format!(
+                "dtf: {} test attempt{} ran locally after every worker was lost",
+                self.ran_locally,
+                if self.ran_locally == 1 { "" } else { "s" }
+            ));
+        }
+        notes
+    }
+}
+
+/// Pings a worker every [`PING_EVERY`], each with a [`PING_LIMIT`] deadline, reporting each
+/// result. Pings overlap, so a hung worker is noticed [`PING_LIMIT`] after its first missed
+/// ping and declared lost about a second later.
+async fn heartbeat(worker: usize, client: WorkerClient, tx: mpsc::UnboundedSender<Event>) {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let client = client.clone();
+                pending.push(async move {
+                    matches!(
+                        tokio::time::timeout(PING_LIMIT, client.ping(protocol::context_within(PING_LIMIT))).await,
+                        Ok(Ok(_))
+                    )
+                });
+            }
+            Some(ok) = pending.next(), if !pending.is_empty() => {
+                if tx.send(Event::Ping { worker, ok }).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The request context of a run: its deadline covers the test's timeout plus time waiting
+/// for a slot, or a week for a test without a timeout (the worker enforces the timeout
+/// itself; the deadline only bounds a request that would otherwise never end).
+fn run_context(timeout: Option<Duration>) -> tarpc::context::Context {
+    protocol::context_within(match timeout {
+        Some(t) => t + QUEUE_ALLOWANCE,
+        None => NO_TIMEOUT_DEADLINE,
+    })
+}
+
+/// The spec sent to a worker: the token is never part of a test's environment on the wire.
+fn remote_spec(spec: &RunSpec) -> RunSpec {
+    let mut spec = spec.clone();
+    spec.env
+        .retain(|(name, _)| name != protocol::TOKEN_VAR && name != "DTF_WORKERS");
+    spec
+}
+
+/// Prints a remote attempt's output to this process's stdout and stderr (`--nocapture`).
+fn print_output(attempt: &Attempt) {
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    for (stream, bytes) in &attempt.output.chunks {
+        let _ = match stream {
+            Stream::Stdout => stdout.write_all(bytes),
+            Stream::Stderr => stderr.write_all(bytes),
+        };
+    }
+    let _ = stdout.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_does_not_travel_in_the_environment() {
+        let spec = RunSpec {
+            test: "t".into(),
+            isolation: crate::registry::Isolation::Process,
+            env: vec![
+                ("DTF_TOKEN".into(), "secret".into()),
+                ("PATH".into(), "/bin".into()),
+            ],
+            timeout: None,
+            memory: None,
+            capture: true,
+            cwd: None,
+        };
+        assert_eq!(
+            remote_spec(&spec).env,
+            vec![("PATH".to_owned(), "/bin".to_owned())]
+        );
+    }
+
+    #[test]
+    fn long_tests_get_long_deadlines() {
+        let ctx = run_context(Some(Duration::from_secs(30)));
+        assert!(ctx.deadline > Instant::now() + Duration::from_secs(3600));
+        let ctx = run_context(None);
+        assert!(ctx.deadline > Instant::now() + Duration::from_secs(24 * 3600));
+    }
+}

@@ -1,0 +1,339 @@
+//! Real `dtf-worker` processes on 127.0.0.1 for the distributed-mode tests: each with its own
+//! cache directory, `TMPDIR` and token, killed when dropped.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::{dtf_command, process_alive, worker_binary};
+
+/// How a [`Worker`] starts.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// `--slots`.
+    pub slots: usize,
+    /// The token (`DTF_TOKEN`); `None` runs without authentication.
+    pub token: Option<String>,
+    /// `--cache-max`.
+    pub cache_max: Option<String>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            slots: 2,
+            token: Some(TOKEN.to_owned()),
+            cache_max: None,
+        }
+    }
+}
+
+/// The token the tests' workers share unless told otherwise.
+pub const TOKEN: &str = "e2e-token-0123456789abcdef";
+
+/// A running `dtf-worker`.
+pub struct Worker {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Its token, if any.
+    pub token: Option<String>,
+    root: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+}
+
+impl Worker {
+    /// A worker with 2 slots and [`TOKEN`].
+    pub fn start() -> Worker {
+        Worker::start_with(WorkerConfig::default())
+    }
+
+    /// A worker as `config` says.
+    pub fn start_with(config: WorkerConfig) -> Worker {
+        let root = tempfile::Builder::new()
+            .prefix("dtf-e2e-worker-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir(root.path().join("tmp")).expect("tmp dir");
+        let mut cmd = Command::new(worker_binary());
+        cmd.args(["--listen", "127.0.0.1:0", "--slots"])
+            .arg(config.slots.to_string())
+            .arg("--cache-dir")
+            .arg(root.path().join("cache"))
+            .env("TMPDIR", root.path().join("tmp"))
+            .env("DTF_LOG", "info,tarpc=warn")
+            .env_remove("DTF_TOKEN")
+            .env_remove("DTF_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(max) = &config.cache_max {
+            cmd.arg("--cache-max").arg(max);
+        }
+        if let Some(token) = &config.token {
+            cmd.env("DTF_TOKEN", token);
+        }
+        let mut child = cmd.spawn().expect("start dtf-worker");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&line);
+                line.clear();
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep reading so the worker never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("dtf-worker prints its address");
+        let addr = line
+            .trim()
+            .strip_prefix("dtf-worker listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; log:\n{}",
+                    log.lock().unwrap_or_else(|e| e.into_inner())
+                )
+            })
+            .to_owned();
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        Worker {
+            child,
+            addr,
+            token: config.token,
+            root,
+            log,
+        }
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The worker's `TMPDIR`, where its tests' directories go.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.path().join("tmp")
+    }
+
+    /// The worker's cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.path().join("cache")
+    }
+
+    /// Test directories (`dtf-*`) in the worker's `TMPDIR`.
+    pub fn test_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.tmp_dir())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("dtf-"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What the worker logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends `signal` to the worker.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal);
+    }
+
+    /// SIGKILLs the worker and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// True while the worker process lives.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `dtf-worker status ADDR --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let mut cmd = Command::new(worker_binary());
+        cmd.args(["status", &self.addr, "--json"])
+            .env_remove("DTF_TOKEN_FILE");
+        match &self.token {
+            Some(t) => cmd.env("DTF_TOKEN", t),
+            None => cmd.env_remove("DTF_TOKEN"),
+        };
+        let run = crate::run_bounded(&mut cmd, Duration::from_secs(20));
+        assert_eq!(run.code, Some(0), "{}", run.dump());
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.dump()))
+    }
+
+    /// A command for `binary` that runs on this worker (and its token).
+    pub fn command(&self, binary: &Path) -> Command {
+        workers_command(binary, &[self])
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A stopped worker must be continued to die promptly.
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+        self.kill();
+    }
+}
+
+/// A command for a dtf test binary that runs on `workers` (which share a token).
+pub fn workers_command(binary: &Path, workers: &[&Worker]) -> Command {
+    let mut cmd = dtf_command(binary);
+    let addrs: Vec<&str> = workers.iter().map(|w| w.addr.as_str()).collect();
+    cmd.env("DTF_WORKERS", addrs.join(","));
+    if let Some(token) = workers.first().and_then(|w| w.token.clone()) {
+        cmd.env("DTF_TOKEN", token);
+    }
+    cmd
+}
+
+/// A free loopback port nobody listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A command started in the background with its output in files, for tests that kill it.
+pub struct Background {
+    /// The process.
+    pub child: Child,
+    out: tempfile::NamedTempFile,
+    err: tempfile::NamedTempFile,
+}
+
+impl Background {
+    /// Starts `cmd` with stdin closed and stdout/stderr in temporary files.
+    pub fn start(cmd: &mut Command) -> Background {
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let err = tempfile::NamedTempFile::new().expect("temp file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.reopen().expect("reopen"))
+            .stderr(err.reopen().expect("reopen"))
+            .spawn()
+            .expect("spawn");
+        Background { child, out, err }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Output so far: (stdout, stderr).
+    pub fn output(&self) -> (String, String) {
+        let read = |f: &tempfile::NamedTempFile| {
+            let mut s = String::new();
+            let _ = f.reopen().and_then(|mut f| f.read_to_string(&mut s));
+            s
+        };
+        (read(&self.out), read(&self.err))
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let (out, err) = self.output();
+                panic!(
+                    "did not finish within {limit:?}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pids recorded by the fixture's `dist_sleep_*` tests in `dir` (`pid-*` files: the test
+/// process and its `sleep` grandchild).
+pub fn recorded_pids(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("pid-"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .flat_map(|s| {
+                    s.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<i32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The parent pid of `pid`, from `/proc`.
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Live processes whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .filter(|&pid| process_alive(pid))
+        .collect()
+}
+
+/// `test NAME ... RESULT` lines of a run, by name.
+pub fn results(stdout: &str) -> std::collections::BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("test "))
+        .filter_map(|l| l.split_once(" ... "))
+        .filter(|(name, _)| !name.contains(' '))
+        .map(|(name, result)| (name.to_owned(), result.to_owned()))
+        .collect()
+}
