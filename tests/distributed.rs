@@ -73,7 +73,7 @@ fn ran_per_worker(stdout: &str) -> BTreeMap<String, usize> {
 
 #[test]
 fn the_fixture_has_the_same_outcomes_on_two_workers_and_a_warm_rerun_ships_nothing() {
-    let fixture = fixture();
+    let (_dir, fixture) = private_copy(&fixture());
     let a = Worker::start();
     let b = Worker::start();
 

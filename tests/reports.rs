@@ -59,6 +59,9 @@ fn json_lines(run: &Run) -> Vec<Value> {
 
 // ---- libtest JSON ------------------------------------------------------------------------
 
+/// Keys with the JSON type their values must have.
+type Fields = &'static [(&'static str, &'static str)];
+
 /// Checks one event against libtest's JSON schema (library/test/src/formatters/json.rs):
 /// the keys each event may have, which are required, and their types. dtf's one extension,
 /// an object under `"dtf"`, is allowed on test results.
@@ -72,7 +75,7 @@ fn check_libtest_event(v: &Value) -> Result<(), String> {
         .get("event")
         .and_then(Value::as_str)
         .ok_or("`event` is a string")?;
-    let (required, optional): (&[(&str, &str)], &[(&str, &str)]) = match (ty, event) {
+    let (required, optional): (Fields, Fields) = match (ty, event) {
         ("suite", "started") => (&[("test_count", "uint")], &[("shuffle_seed", "uint")]),
         ("suite", "ok" | "failed") => (
             &[

@@ -407,13 +407,13 @@ async fn handle(
     token: Option<Token>,
 ) {
     protocol::configure_socket(&stream);
-    match tokio::time::timeout(
+    let session = match tokio::time::timeout(
         HANDSHAKE_LIMIT,
         protocol::server_handshake(&mut stream, token.as_ref()),
     )
     .await
     {
-        Ok(Ok(())) => {}
+        Ok(Ok(session)) => session,
         Ok(Err(e)) => {
             warn!(%peer, "refused a connection: {e}");
             return;
@@ -422,7 +422,7 @@ async fn handle(
             warn!(%peer, "refused a connection: no handshake within {HANDSHAKE_LIMIT:?}");
             return;
         }
-    }
+    };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     shared.connections.fetch_add(1, Ordering::Relaxed);
     info!(%peer, run = id, "coordinator connected");
@@ -440,7 +440,7 @@ async fn handle(
         inner: stream,
         closed: closed_tx,
     };
-    let transport: protocol::ServerTransport<Watched> = protocol::transport(io);
+    let transport: protocol::ServerTransport<Watched> = protocol::transport(io, session);
     let channel = BaseChannel::with_defaults(transport);
     let mut requests = Box::pin(
         channel

@@ -72,7 +72,8 @@ impl std::str::FromStr for Order {
     long_about = None,
     disable_version_flag = true,
     after_help = "Environment: RUST_TEST_THREADS, DTF_TIMEOUT, DTF_ISOLATION, DTF_PASS_ENV, \
-                  DTF_KEEP_TMP, DTF_RETRIES, DTF_JUNIT, DTF_WORKERS, DTF_TOKEN. See dtf's README."
+                  DTF_KEEP_TMP, DTF_RETRIES, DTF_JUNIT, DTF_ORDER, DTF_HISTORY_DIR, DTF_WORKERS, \
+                  DTF_TOKEN. See dtf's README."
 )]
 pub struct Args {
     /// Run only tests whose names contain one of these (exact names with --exact).
@@ -157,7 +158,7 @@ pub struct Args {
     /// Count flaky tests as failures for the exit code.
     #[arg(long)]
     pub flaky_fails: bool,
-    /// Test order: history (default), name, random or random:SEED.
+    /// Test order: history (default), name, random or random:SEED (DTF_ORDER).
     #[arg(long, value_name = "ORDER")]
     pub order: Option<Order>,
     /// Stop at the first failure: running tests are killed, the rest reported as not run.

@@ -349,8 +349,13 @@ fn start_order(
     (order::order(&names, &history, rule), seed)
 }
 
-/// Adds the run's durations and outcomes to the history; a failure only warns.
+/// Adds the run's durations and outcomes to the history; a failure only warns. Not under
+/// cargo-nextest, which schedules tests itself and starts one process per test: there the
+/// file's read and rewrite would cost more than the test.
 fn record_history(history_file: &std::path::Path, reports: &[TestReport]) {
+    if std::env::var_os("NEXTEST_EXECUTION_MODE").is_some() {
+        return;
+    }
     let entries: Vec<history::Entry> = reports
         .iter()
         .filter_map(history::Entry::from_report)

@@ -2,7 +2,7 @@
 //! The local runner and the coordinator both take its result as the [`crate::scheduler`]'s
 //! queue, so a run orders tests the same way on one machine and across workers.
 //!
-//! The `history` rule, measured in `docs/reports.md` by [`tests::measure_rules`]:
+//! The `history` rule, measured in `docs/reports.md` (the `measure_rules` test below):
 //! 1. tests that failed last time, longest first: a failure that is still there shows up in
 //!    the first seconds of the run (and ends a `--fail-fast` run early);
 //! 2. tests never seen before, in name order: a new test may be the longest of the suite, and

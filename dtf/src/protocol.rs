@@ -13,7 +13,9 @@
 //! The MACs are BLAKE3 keyed hashes over both nonces, under a key derived from the shared
 //! token, compared in constant time: the token itself never crosses the wire. Only then does
 //! the tarpc transport start: length-delimited frames (at most [`MAX_FRAME`] bytes) holding
-//! postcard-encoded tarpc messages.
+//! postcard-encoded tarpc messages. On an authenticated connection each frame ends with a MAC
+//! under a per-connection key ([`Session`]) over its direction and sequence number, so nobody
+//! on the network path can inject, alter, replay or drop frames. Frames are not encrypted.
 //!
 //! A version mismatch is detected in step 2 by both sides, and each names both versions.
 
@@ -62,6 +64,7 @@ pub const TOKEN_FILE_VAR: &str = "DTF_TOKEN_FILE";
 const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
 const KEY_CONTEXT: &str = "dtf-worker 2026 connection token v1";
+const SESSION_CONTEXT: &str = "dtf-worker 2026 session keys v1";
 const FLAG_AUTH: u8 = 1;
 const WELCOME: u8 = 0;
 const REJECTED: u8 = 1;
@@ -309,16 +312,83 @@ pub trait Worker {
     async fn status() -> WorkerStatus;
 }
 
-/// A tokio-serde codec encoding with postcard.
-pub struct Postcard<Item, SinkItem>(Types<Item, SinkItem>);
+/// The keys of an authenticated connection. Every frame after the handshake carries a MAC
+/// over its direction, its sequence number and its bytes, so frames cannot be forged, altered,
+/// replayed, reordered or dropped without the connection ending.
+#[derive(Clone)]
+pub struct Session {
+    key: [u8; 32],
+    send: u8,
+    recv: u8,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Session(..)")
+    }
+}
+
+const FROM_COORDINATOR: u8 = b'c';
+const FROM_WORKER: u8 = b'w';
+
+impl Session {
+    fn new(
+        token: &Token,
+        client_nonce: &[u8; NONCE_LEN],
+        server_nonce: &[u8; NONCE_LEN],
+        coordinator: bool,
+    ) -> Session {
+        let mut material = Vec::with_capacity(32 + 2 * NONCE_LEN);
+        material.extend_from_slice(&token.key);
+        material.extend_from_slice(client_nonce);
+        material.extend_from_slice(server_nonce);
+        let (send, recv) = if coordinator {
+            (FROM_COORDINATOR, FROM_WORKER)
+        } else {
+            (FROM_WORKER, FROM_COORDINATOR)
+        };
+        Session {
+            key: blake3::derive_key(SESSION_CONTEXT, &material),
+            send,
+            recv,
+        }
+    }
+
+    fn tag(&self, direction: u8, seq: u64, payload: &[u8]) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(&[direction]);
+        hasher.update(&seq.to_be_bytes());
+        hasher.update(payload);
+        hasher.finalize()
+    }
+}
+
+/// A tokio-serde codec: postcard, plus a MAC on every frame when the connection is
+/// authenticated (see [`Session`]).
+pub struct Postcard<Item, SinkItem> {
+    session: Option<Session>,
+    sent: u64,
+    received: u64,
+    types: Types<Item, SinkItem>,
+}
 
 /// Names the item types without owning any (and without affecting auto traits).
 type Types<Item, SinkItem> = PhantomData<(fn() -> Item, fn(SinkItem))>;
 
-impl<Item, SinkItem> Default for Postcard<Item, SinkItem> {
-    fn default() -> Self {
-        Postcard(PhantomData)
+impl<Item, SinkItem> Postcard<Item, SinkItem> {
+    /// A codec for a connection with these keys (`None`: no token, no MACs).
+    pub fn new(session: Option<Session>) -> Self {
+        Postcard {
+            session,
+            sent: 0,
+            received: 0,
+            types: PhantomData,
+        }
     }
+}
+
+fn malformed(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
 impl<Item: DeserializeOwned, SinkItem> tokio_serde::Deserializer<Item>
@@ -327,16 +397,32 @@ impl<Item: DeserializeOwned, SinkItem> tokio_serde::Deserializer<Item>
     type Error = io::Error;
 
     fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> Result<Item, io::Error> {
-        match postcard::take_from_bytes(src) {
+        let this = self.get_mut();
+        let mut payload = &src[..];
+        if let Some(session) = &this.session {
+            let Some(split) = payload.len().checked_sub(MAC_LEN) else {
+                return Err(malformed(
+                    "malformed frame: too short to hold its MAC".into(),
+                ));
+            };
+            let (body, mac) = payload.split_at(split);
+            // blake3::Hash compares in constant time.
+            if session.tag(session.recv, this.received, body) != *mac {
+                return Err(malformed(
+                    "malformed frame: its MAC does not match (forged, altered or out of sequence)"
+                        .into(),
+                ));
+            }
+            this.received += 1;
+            payload = body;
+        }
+        match postcard::take_from_bytes(payload) {
             Ok((item, [])) => Ok(item),
-            Ok((_, rest)) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("malformed frame: {} trailing bytes", rest.len()),
-            )),
-            Err(e) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("malformed frame: {e}"),
-            )),
+            Ok((_, rest)) => Err(malformed(format!(
+                "malformed frame: {} trailing bytes",
+                rest.len()
+            ))),
+            Err(e) => Err(malformed(format!("malformed frame: {e}"))),
         }
     }
 }
@@ -345,9 +431,15 @@ impl<Item, SinkItem: Serialize> tokio_serde::Serializer<SinkItem> for Postcard<I
     type Error = io::Error;
 
     fn serialize(self: Pin<&mut Self>, item: &SinkItem) -> Result<Bytes, io::Error> {
-        postcard::to_stdvec(item)
-            .map(Bytes::from)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        let this = self.get_mut();
+        let mut bytes =
+            postcard::to_stdvec(item).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if let Some(session) = &this.session {
+            let tag = session.tag(session.send, this.sent, &bytes);
+            bytes.extend_from_slice(tag.as_bytes());
+            this.sent += 1;
+        }
+        Ok(Bytes::from(bytes))
     }
 }
 
@@ -363,8 +455,9 @@ pub type ClientTransport<S> =
 pub type ServerTransport<S> =
     Transport<S, tarpc::ClientMessage<WorkerRequest>, tarpc::Response<WorkerResponse>>;
 
-/// Frames `io` (length-delimited, at most [`MAX_FRAME`] bytes) with the postcard codec.
-pub fn transport<S, Item, SinkItem>(io: S) -> Transport<S, Item, SinkItem>
+/// Frames `io` (length-delimited, at most [`MAX_FRAME`] bytes) with the postcard codec and,
+/// for an authenticated connection, a MAC on every frame.
+pub fn transport<S, Item, SinkItem>(io: S, session: Option<Session>) -> Transport<S, Item, SinkItem>
 where
     S: AsyncRead + AsyncWrite,
     Item: DeserializeOwned,
@@ -376,7 +469,7 @@ where
             .max_frame_length(MAX_FRAME)
             .new_codec(),
     );
-    tarpc::serde_transport::new(framed, Postcard::default())
+    tarpc::serde_transport::new(framed, Postcard::new(session))
 }
 
 /// The shared secret, as a key derived from the token text (the text itself is not kept).
@@ -517,7 +610,10 @@ fn nonce() -> io::Result<[u8; NONCE_LEN]> {
 
 /// The coordinator's side of the handshake. `token` must match the worker's; `None` connects
 /// only to workers that check no token.
-pub async fn client_handshake<S>(io: &mut S, token: Option<&Token>) -> Result<(), HandshakeError>
+pub async fn client_handshake<S>(
+    io: &mut S,
+    token: Option<&Token>,
+) -> Result<Option<Session>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -570,13 +666,16 @@ where
     let mut verdict = [0u8; 1];
     io.read_exact(&mut verdict).await?;
     match verdict[0] {
-        WELCOME => Ok(()),
+        WELCOME => Ok(token.map(|t| Session::new(t, &client_nonce, &server_nonce, true))),
         _ => Err(HandshakeError::Rejected),
     }
 }
 
 /// The worker's side of the handshake. With a token, the coordinator must prove it holds it.
-pub async fn server_handshake<S>(io: &mut S, token: Option<&Token>) -> Result<(), HandshakeError>
+pub async fn server_handshake<S>(
+    io: &mut S,
+    token: Option<&Token>,
+) -> Result<Option<Session>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -624,7 +723,7 @@ where
         .await?;
     io.flush().await?;
     if accepted {
-        Ok(())
+        Ok(token.map(|t| Session::new(t, &client_nonce, &server_nonce, false)))
     } else {
         Err(HandshakeError::BadToken)
     }
@@ -752,11 +851,12 @@ async fn open(
         addr: addr.to_owned(),
         error,
     };
-    tokio::time::timeout(limit, client_handshake(&mut stream, token))
+    let session = tokio::time::timeout(limit, client_handshake(&mut stream, token))
         .await
         .map_err(|_| handshake(HandshakeError::Timeout(limit)))?
         .map_err(handshake)?;
-    let client = WorkerClient::new(tarpc::client::Config::default(), transport(stream)).spawn();
+    let client =
+        WorkerClient::new(tarpc::client::Config::default(), transport(stream, session)).spawn();
     let info = client
         .hello(context_within(limit), hello)
         .await
@@ -800,7 +900,10 @@ mod tests {
     async fn pair(
         client_token: Option<&str>,
         server_token: Option<&str>,
-    ) -> (Result<(), HandshakeError>, Result<(), HandshakeError>) {
+    ) -> (
+        Result<Option<Session>, HandshakeError>,
+        Result<Option<Session>, HandshakeError>,
+    ) {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let ct = client_token.map(|t| Token::new(t, "test").unwrap());
         let st = server_token.map(|t| Token::new(t, "test").unwrap());
@@ -825,6 +928,43 @@ mod tests {
         assert!(c.is_ok() && s.is_ok(), "{c:?} {s:?}");
         let (c, s) = block_on(pair(None, None));
         assert!(c.is_ok() && s.is_ok(), "{c:?} {s:?}");
+    }
+
+    #[test]
+    fn frames_carry_macs_that_stop_forgery_and_replay() {
+        use tokio_serde::{Deserializer, Serializer};
+        let (c, s) = block_on(pair(Some("secret"), Some("secret")));
+        let (c, s) = (c.unwrap(), s.unwrap());
+        assert!(c.is_some() && s.is_some());
+        let mut coordinator: Postcard<u32, String> = Postcard::new(c);
+        let mut worker: Postcard<String, u32> = Postcard::new(s);
+        let first = Pin::new(&mut coordinator)
+            .serialize(&"hello".to_owned())
+            .unwrap();
+        let got = Pin::new(&mut worker).deserialize(&BytesMut::from(&first[..]));
+        assert_eq!(got.unwrap(), "hello");
+        // The same frame again is a replay.
+        let replay = Pin::new(&mut worker).deserialize(&BytesMut::from(&first[..]));
+        assert!(replay.unwrap_err().to_string().contains("MAC"));
+        let second = Pin::new(&mut coordinator)
+            .serialize(&"again".to_owned())
+            .unwrap();
+        let mut altered = BytesMut::from(&second[..]);
+        altered[1] ^= 1;
+        assert!(Pin::new(&mut worker).deserialize(&altered).is_err());
+        let got = Pin::new(&mut worker).deserialize(&BytesMut::from(&second[..]));
+        assert_eq!(got.unwrap(), "again");
+        // And the other way.
+        let answer = Pin::new(&mut worker).serialize(&7).unwrap();
+        assert_eq!(
+            Pin::new(&mut coordinator)
+                .deserialize(&BytesMut::from(&answer[..]))
+                .unwrap(),
+            7
+        );
+        // Without a token, frames are plain postcard.
+        let (c, _) = block_on(pair(None, None));
+        assert!(c.unwrap().is_none());
     }
 
     #[test]

@@ -337,3 +337,16 @@ pub fn results(stdout: &str) -> std::collections::BTreeMap<String, String> {
         .map(|(name, result)| (name.to_owned(), result.to_owned()))
         .collect()
 }
+
+/// A private copy of `binary`, immune to concurrent rebuilds of the original (for tests that
+/// compare runs or count bytes shipped). The directory goes with the returned guard.
+pub fn private_copy(binary: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("dtf-e2e-bin-")
+        .tempdir()
+        .expect("temp dir");
+    let name = binary.file_name().expect("a file name");
+    let copy = dir.path().join(name);
+    std::fs::copy(binary, &copy).expect("copy the binary");
+    (dir, copy)
+}

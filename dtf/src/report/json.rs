@@ -139,7 +139,8 @@ impl Reporter for Json {
                 let last = report.last();
                 let failed = report.status == Status::Failed;
                 if let Some(last) = last {
-                    fields.push_str(&format!(r#", "exec_time": {}"#, secs(last.duration)));
+                    // All attempts together: what the test cost the run.
+                    fields.push_str(&format!(r#", "exec_time": {}"#, secs(report.duration())));
                     let stdout = output_text(last);
                     if (failed || self.show_output) && !stdout.is_empty() {
                         fields.push_str(&format!(r#", "stdout": {}"#, string(&stdout)));
@@ -275,7 +276,7 @@ mod tests {
             json!({"type": "test", "event": "started", "name": "f\"q"})
         );
         assert_eq!(v[2]["event"], "ok");
-        assert_eq!(v[2]["exec_time"], 1.5);
+        assert_eq!(v[2]["exec_time"], 3.0, "all attempts together");
         assert!(
             v[2].get("stdout").is_none(),
             "ok without --show-output has no stdout"

@@ -200,7 +200,7 @@ impl Junit {
             Sink::File(path) => write_file(path, document).map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("cannot write the JUnit report to {}: {e}", path.display()),
+                    format!("the JUnit report {}: {e}", path.display()),
                 )
             }),
         }

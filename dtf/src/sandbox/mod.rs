@@ -181,7 +181,10 @@ impl Sandbox {
             if status.is_some() && stdout.is_none() && stderr.is_none() {
                 break;
             }
+            // Biased, stdout first: when both pipes are ready, what the test printed first
+            // (stdout is line-buffered, stderr not) is most likely the stdout chunk.
             tokio::select! {
+                biased;
                 n = read_some(&mut stdout, &mut out_buf), if stdout.is_some() => match n {
                     Some(n) => output.push(Stream::Stdout, &out_buf[..n], cap),
                     None => stdout = None,
