@@ -572,6 +572,29 @@ fn malformed_and_oversized_frames_end_only_their_connection() {
     assert!(matches!(idle.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
 }
 
+/// Uploads `binary` in chunks; its digest.
+async fn upload_all(client: &protocol::WorkerClient, binary: &[u8]) -> Digest {
+    let digest = Digest::of(binary);
+    let mut offset = 0;
+    for piece in binary.chunks(protocol::CHUNK_SIZE) {
+        client
+            .upload(
+                protocol::context_within(Duration::from_secs(30)),
+                Chunk {
+                    digest,
+                    total: binary.len() as u64,
+                    offset,
+                    data: piece.to_vec(),
+                },
+            )
+            .await
+            .expect("an answer")
+            .expect("accepted");
+        offset += piece.len() as u64;
+    }
+    digest
+}
+
 #[test]
 fn a_digest_mismatch_is_rejected_and_an_unknown_test_is_a_clear_error() {
     let w = Worker::start();
@@ -643,23 +666,7 @@ fn a_digest_mismatch_is_rejected_and_an_unknown_test_is_a_clear_error() {
             client.missing(ctx(), vec![digest]).await.expect("missing"),
             vec![digest]
         );
-        let mut offset = 0;
-        for piece in binary.chunks(protocol::CHUNK_SIZE) {
-            client
-                .upload(
-                    ctx(),
-                    Chunk {
-                        digest,
-                        total: binary.len() as u64,
-                        offset,
-                        data: piece.to_vec(),
-                    },
-                )
-                .await
-                .expect("an answer")
-                .expect("accepted");
-            offset += piece.len() as u64;
-        }
+        upload_all(&client, &binary).await;
         let response = client
             .run(
                 ctx(),
@@ -869,4 +876,67 @@ fn a_worker_that_cannot_take_the_binary_is_left_out() {
         run.dump()
     );
     assert_all_sleepers_passed_once(&run.stdout);
+}
+
+#[test]
+fn a_cancelled_request_kills_its_test_and_the_connection_goes_on() {
+    let w = Worker::start();
+    let binary = std::fs::read(fixture()).expect("fixture");
+    let out = tempfile::tempdir().expect("dir");
+    runtime().block_on(async {
+        let ctx = || protocol::context_within(Duration::from_secs(60));
+        let conn = protocol::connect(
+            &w.addr,
+            Some(&token()),
+            Hello { run: "e2e".into() },
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
+        let client = conn.client;
+        let digest = upload_all(&client, &binary).await;
+        let spec = dtf::sandbox::RunSpec {
+            test: "dist_sleep_1".to_owned(),
+            isolation: dtf::Isolation::Env,
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("FIXTURE_SLEEP_MS".into(), "30000".into()),
+                ("FIXTURE_OUT_DIR".into(), out.path().display().to_string()),
+            ],
+            timeout: Some(MINUTE),
+            memory: None,
+            capture: true,
+            cwd: None,
+        };
+        let started = async {
+            while recorded_pids(out.path()).len() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            response = client.run(ctx(), RunRequest { digest, spec }) => {
+                panic!("the test ended early: {response:?}")
+            }
+            _ = tokio::time::timeout(MINUTE, started) => {}
+        }
+        // Leaving the select dropped the request: the client sent a cancel.
+        let pids = recorded_pids(out.path());
+        assert_eq!(pids.len(), 2, "the test and its grandchild");
+        let gone = async {
+            while pids.iter().any(|&p| process_alive(p)) || !w.test_dirs().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .is_err()
+        {
+            panic!("test {pids:?} or its directory survives: {}", w.log());
+        }
+        // The connection still serves.
+        client.ping(ctx()).await.expect("ping");
+        let status = client.status(ctx()).await.expect("status");
+        assert!(status.running.is_empty(), "{status:?}");
+        assert_eq!(status.connections, 1);
+    });
 }
