@@ -530,3 +530,31 @@ fn one_thread_announces_each_test_before_it_runs() {
     assert_eq!(run.result_of("pass_plain"), Some("ok"), "{}", run.dump());
     assert_eq!(run.result_of("pass_prints"), Some("ok"), "{}", run.dump());
 }
+
+#[test]
+fn a_killed_runner_takes_its_tests_and_their_children_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pids");
+    let mut runner = dtf_command(&fixture())
+        .args(["--exact", "core_hold_with_grandchild"])
+        .env("DTF_PASS_ENV", "FIXTURE_PID_FILE")
+        .env("FIXTURE_PID_FILE", &pid_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = eventually(Duration::from_secs(20), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.split_whitespace().count() == 2)
+    });
+    assert!(started, "the test never started");
+    let pids = std::fs::read_to_string(&pid_file).unwrap();
+    let pids: Vec<i32> = pids.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    runner.kill().unwrap(); // SIGKILL: the runner gets no chance to clean up
+    runner.wait().unwrap();
+    for pid in pids {
+        assert!(
+            eventually(Duration::from_secs(5), || !process_alive(pid)),
+            "process {pid} outlived its killed runner"
+        );
+    }
+}

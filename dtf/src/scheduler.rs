@@ -36,7 +36,10 @@ pub struct Finished {
 struct TestState {
     retries: u32,
     attempts: Vec<Attempt>,
+    /// Worker losses and infrastructure failures, together bounded by MAX_WORKER_LOSSES.
     losses: u32,
+    /// True once a worker running it was lost.
+    lost_worker: bool,
     done: bool,
 }
 
@@ -126,6 +129,7 @@ impl Scheduler {
             return None;
         }
         state.losses += 1;
+        state.lost_worker = true;
         if state.losses >= MAX_WORKER_LOSSES {
             let times = state.losses;
             state.attempts.push(Attempt {
@@ -180,7 +184,7 @@ impl Scheduler {
             test,
             status,
             attempts: std::mem::take(&mut state.attempts),
-            rerun_after_lost_worker: state.losses > 0,
+            rerun_after_lost_worker: state.lost_worker,
         }
     }
 }
@@ -313,6 +317,7 @@ mod tests {
         let job = s.next_job().unwrap();
         let f = s.record(job, system(), true).unwrap();
         assert_eq!(f.status, Status::Failed, "no retry of a system failure");
+        assert!(!f.rerun_after_lost_worker, "no worker was lost");
 
         let mut local = Scheduler::new(vec![0], &[0]);
         let job = local.next_job().unwrap();

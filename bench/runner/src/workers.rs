@@ -182,13 +182,15 @@ impl Drop for LocalWorkers {
 }
 
 /// The bytes of binary shipped, from dtf's distributed summary note
-/// (`... shipped N bytes ...`).
+/// (`dtf: 4 workers; binary shipped to 0 of 4 (0 bytes), ...`).
 fn shipped_bytes(text: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let rest = line.split("shipped ").nth(1)?;
-        let number: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        number.parse().ok()
-    })
+    text.lines()
+        .filter(|line| line.contains("binary shipped to"))
+        .find_map(|line| {
+            let rest = line.split('(').nth(1)?;
+            let number: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            number.parse().ok()
+        })
 }
 
 /// A `kB` field of /proc/PID/status.

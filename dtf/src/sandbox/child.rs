@@ -78,6 +78,9 @@ fn take_result_channel() -> Option<File> {
 /// test's `/tmp`. At level `full` this process becomes the relay of a new PID namespace and
 /// only the forked test process returns here (see [`namespaces`]).
 fn prepare(spec: &ChildSpec) -> Result<(), String> {
+    if let Some(parent) = spec.parent {
+        die_with_parent(parent)?;
+    }
     if let Some(limit) = spec.memory {
         use nix::sys::resource::{Resource, setrlimit};
         setrlimit(Resource::RLIMIT_DATA, limit, limit)
@@ -85,6 +88,40 @@ fn prepare(spec: &ChildSpec) -> Result<(), String> {
     }
     if spec.isolation == Isolation::Full {
         namespaces::enter_in_child()?;
+    }
+    Ok(())
+}
+
+/// Makes the test's whole process group die with the process that started it, so a runner,
+/// worker or cargo-nextest killed with SIGKILL leaves no test (nor anything the test started)
+/// running. The parent-death signal is a real-time signal whose handler kills the group: tests
+/// do not use it, and a handler runs even while the test's own code blocks.
+fn die_with_parent(parent: u32) -> Result<(), String> {
+    extern "C" fn kill_group(_: nix::libc::c_int) {
+        // SAFETY: killpg is async-signal-safe; group 0 is this process's own group.
+        unsafe {
+            nix::libc::killpg(0, nix::libc::SIGKILL);
+        }
+    }
+    let signal = nix::libc::SIGRTMAX();
+    // SAFETY: installs a handler that only calls an async-signal-safe function; the process is
+    // still single-threaded here.
+    let installed = unsafe {
+        let mut action: nix::libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = kill_group as *const () as usize;
+        nix::libc::sigemptyset(&mut action.sa_mask);
+        nix::libc::sigaction(signal, &action, std::ptr::null_mut())
+    };
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this process.
+    let set = unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, signal as nix::libc::c_ulong) };
+    if installed != 0 || set != 0 {
+        return Err(format!(
+            "cannot arrange for the test to die with its runner: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if nix::unistd::getppid().as_raw() as u32 != parent {
+        return Err("the process that started this test is gone".to_owned());
     }
     Ok(())
 }

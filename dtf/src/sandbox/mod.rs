@@ -46,6 +46,9 @@ pub struct ChildSpec {
     pub isolation: Isolation,
     /// A memory limit in bytes.
     pub memory: Option<u64>,
+    /// The pid of the process that started the child: the child dies with it.
+    #[serde(default)]
+    pub parent: Option<u32>,
 }
 
 /// What the child reports over the result pipe.
@@ -130,6 +133,7 @@ impl Sandbox {
             test: spec.test.clone(),
             isolation: spec.isolation,
             memory: spec.memory,
+            parent: Some(std::process::id()),
         };
         let child_spec = serde_json::to_string(&child_spec).map_err(|e| e.to_string())?;
         let (result_read, result_write) = result_pipe()?;
