@@ -6,7 +6,10 @@ use dtf_e2e::*;
 
 /// How many consecutive runs must pass under dtf (`DTF_E2E_RUNS` overrides).
 fn runs() -> usize {
-    std::env::var("DTF_E2E_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(50)
+    std::env::var("DTF_E2E_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
 }
 
 #[test]
@@ -15,7 +18,11 @@ fn shell_env_passes_every_time_under_dtf() {
     for round in 1..=runs() {
         let run = run_bounded(&mut dtf_command(&binary), Duration::from_secs(60));
         assert_eq!(run.code, Some(0), "run {round} failed:\n{}", run.dump());
-        assert!(run.stdout.contains("test result: ok. 13 passed; 0 failed"), "{}", run.dump());
+        assert!(
+            run.stdout.contains("test result: ok. 13 passed; 0 failed"),
+            "{}",
+            run.dump()
+        );
     }
 }
 
@@ -28,7 +35,9 @@ fn shell_env_fails_under_std_harness() {
     let mut failures = 0;
     for _ in 0..10 {
         let run = run_bounded(
-            std::process::Command::new(&binary).args(["--test-threads", "4"]).env("RUST_BACKTRACE", "0"),
+            std::process::Command::new(&binary)
+                .args(["--test-threads", "4"])
+                .env("RUST_BACKTRACE", "0"),
             Duration::from_secs(60),
         );
         if run.code == Some(101) {
@@ -36,5 +45,8 @@ fn shell_env_fails_under_std_harness() {
             break;
         }
     }
-    assert!(failures > 0, "std's harness passed the racy suite 10 times in a row");
+    assert!(
+        failures > 0,
+        "std's harness passed the racy suite 10 times in a row"
+    );
 }

@@ -548,7 +548,10 @@ fn a_killed_runner_takes_its_tests_and_their_children_with_it() {
     });
     assert!(started, "the test never started");
     let pids = std::fs::read_to_string(&pid_file).unwrap();
-    let pids: Vec<i32> = pids.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let pids: Vec<i32> = pids
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     runner.kill().unwrap(); // SIGKILL: the runner gets no chance to clean up
     runner.wait().unwrap();
     for pid in pids {

@@ -27,7 +27,10 @@ fn nextest_outcomes(run: &Run) -> BTreeMap<String, bool> {
         let line = line.trim_start();
         let passed = if line.starts_with("PASS [") {
             true
-        } else if line.starts_with("FAIL [") || line.starts_with("SIGSEGV [") || line.starts_with("ABORT [") {
+        } else if line.starts_with("FAIL [")
+            || line.starts_with("SIGSEGV [")
+            || line.starts_with("ABORT [")
+        {
             false
         } else {
             continue;
@@ -42,8 +45,18 @@ fn nextest_outcomes(run: &Run) -> BTreeMap<String, bool> {
 #[test]
 fn nextest_reports_the_same_outcomes_as_dtf() {
     let out = tempfile::tempdir().unwrap();
-    let run = nextest(&["run", "-p", "dtf-fixture", "--test", "fixture", "--no-fail-fast",
-        "--color", "never", "-E", FILTER]);
+    let run = nextest(&[
+        "run",
+        "-p",
+        "dtf-fixture",
+        "--test",
+        "fixture",
+        "--no-fail-fast",
+        "--color",
+        "never",
+        "-E",
+        FILTER,
+    ]);
     let via_nextest = nextest_outcomes(&run);
     assert!(via_nextest.len() >= 10, "{}", run.dump());
 
@@ -58,8 +71,14 @@ fn nextest_reports_the_same_outcomes_as_dtf() {
         Duration::from_secs(60),
     );
     for (name, passed) in &via_nextest {
-        let word = direct.result_of(name).unwrap_or_else(|| panic!("{name} missing\n{}", direct.dump()));
-        assert_eq!(word == "ok", *passed, "{name}: nextest says passed={passed}, dtf says {word}");
+        let word = direct
+            .result_of(name)
+            .unwrap_or_else(|| panic!("{name} missing\n{}", direct.dump()));
+        assert_eq!(
+            word == "ok",
+            *passed,
+            "{name}: nextest says passed={passed}, dtf says {word}"
+        );
     }
     assert!(via_nextest.get("fail_segfault") == Some(&false));
     assert!(via_nextest.get("pass_should_panic") == Some(&true));
@@ -67,9 +86,21 @@ fn nextest_reports_the_same_outcomes_as_dtf() {
 
 #[test]
 fn nextest_lists_what_dtf_lists() {
-    let run = nextest(&["list", "-p", "dtf-fixture", "--test", "fixture", "--message-format", "json"]);
+    let run = nextest(&[
+        "list",
+        "-p",
+        "dtf-fixture",
+        "--test",
+        "fixture",
+        "--message-format",
+        "json",
+    ]);
     assert_eq!(run.code, Some(0), "{}", run.dump());
-    let json_line = run.stdout.lines().find(|l| l.starts_with('{')).expect("json");
+    let json_line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("json");
     let list: serde_json::Value = serde_json::from_str(json_line).expect("nextest's json");
     let suites = list["rust-suites"].as_object().expect("rust-suites");
     let cases = suites
@@ -98,7 +129,16 @@ fn the_hermetic_environment_holds_under_nextest() {
     let run = run_bounded(
         Command::new(cargo)
             .current_dir(workspace_root())
-            .args(["nextest", "run", "-p", "dtf-fixture", "--test", "fixture", "-E", "test(=env_dump_one)"])
+            .args([
+                "nextest",
+                "run",
+                "-p",
+                "dtf-fixture",
+                "--test",
+                "fixture",
+                "-E",
+                "test(=env_dump_one)",
+            ])
             .env("DTF_PASS_ENV", "FIXTURE_OUT_DIR")
             .env("FIXTURE_OUT_DIR", out.path())
             .env("SECRET_TOKEN", "leak"),
@@ -107,7 +147,16 @@ fn the_hermetic_environment_holds_under_nextest() {
     assert_eq!(run.code, Some(0), "{}", run.dump());
     let dump = std::fs::read_to_string(out.path().join("one")).expect("the test ran");
     assert!(!dump.contains("SECRET_TOKEN"), "{dump}");
-    assert!(!dump.contains("NEXTEST_"), "nextest's variables stay outside: {dump}");
-    let home = dump.lines().find_map(|l| l.strip_prefix("HOME=")).expect("HOME");
-    assert!(home.contains("dtf-env_dump_one-"), "private HOME, got {home}");
+    assert!(
+        !dump.contains("NEXTEST_"),
+        "nextest's variables stay outside: {dump}"
+    );
+    let home = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("HOME="))
+        .expect("HOME");
+    assert!(
+        home.contains("dtf-env_dump_one-"),
+        "private HOME, got {home}"
+    );
 }

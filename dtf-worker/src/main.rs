@@ -117,6 +117,8 @@ enum WorkerError {
     Bind { addr: String, error: std::io::Error },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot prepare the tests' temporary directories: {0}")]
+    TempDir(String),
     #[error("{0}")]
     Connect(#[from] ConnectError),
     #[error("{addr}: the worker did not answer `status`: {error}")]
@@ -286,7 +288,11 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
             "running as root: whoever holds the token can run any code as root; prefer an unprivileged user"
         );
     }
-    let shared = service::Shared::new(name, slots, cache, std::env::temp_dir());
+    // Tests' directories go into a locked run directory; directories left by a worker that
+    // was killed (its lock is free) are removed here.
+    let run_dir = dtf::sandbox::rundir::RunDir::create_in(&std::env::temp_dir())
+        .map_err(WorkerError::TempDir)?;
+    let shared = service::Shared::new(name, slots, cache, run_dir.path().to_path_buf());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(stop_on_signals(stop_tx.clone()));
     if args.exit_on_stdin_eof {

@@ -37,6 +37,9 @@ pub enum Error {
     /// Distributed mode could not start.
     #[error("{0}")]
     Workers(String),
+    /// The directory for the tests' private directories could not be made.
+    #[error("cannot prepare the tests' temporary directories: {0}")]
+    TempDir(String),
     /// The runtime could not start.
     #[error("cannot start the test runner: {0}")]
     Runtime(std::io::Error),

@@ -21,6 +21,7 @@ use crate::report::junit::{self, Junit};
 use crate::report::progress::{self, Progress, Terminal};
 use crate::report::{Reporters, RunInfo, Summary, pretty::Pretty};
 use crate::runner::{self, Ending, LocalOptions};
+use crate::sandbox::rundir::RunDir;
 use crate::sandbox::{Sandbox, child, env, namespaces};
 
 /// libtest's exit code for a failed run.
@@ -242,7 +243,10 @@ async fn run_tests(
         summary.add(&report);
     }
 
-    let sandbox = Sandbox::new(exe, std::env::temp_dir(), config.keep_tmp);
+    // Per-test directories live in a locked run directory: a later run removes it if this one
+    // is killed before it can.
+    let run_dir = RunDir::create_in(&std::env::temp_dir()).map_err(Error::TempDir)?;
+    let sandbox = Sandbox::new(exe, run_dir.path().to_path_buf(), config.keep_tmp);
     let options = LocalOptions {
         slots: config.slots,
         fail_fast: args.fail_fast,

@@ -137,17 +137,31 @@ impl Worker {
         self.root.path().join("cache")
     }
 
-    /// Test directories (`dtf-*`) in the worker's `TMPDIR`.
+    /// Test directories (`dtf-*`) in the worker's `TMPDIR`, and inside its run directories
+    /// (`dtf-run-*`, which hold the per-test directories while the worker lives).
     pub fn test_dirs(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.tmp_dir())
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("dtf-"))
-                    .map(|e| e.path())
-                    .collect()
+        dtf_dirs(&self.tmp_dir())
+            .into_iter()
+            .flat_map(|dir| {
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                if name.is_some_and(|n| n.starts_with("dtf-run-")) {
+                    dtf_dirs(&dir)
+                } else {
+                    vec![dir]
+                }
             })
-            .unwrap_or_default()
+            .collect()
+    }
+
+    /// The worker's run directories in its `TMPDIR`.
+    pub fn run_dirs(&self) -> Vec<PathBuf> {
+        dtf_dirs(&self.tmp_dir())
+            .into_iter()
+            .filter(|d| {
+                d.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("dtf-run-"))
+            })
+            .collect()
     }
 
     /// What the worker logged so far.
@@ -349,4 +363,17 @@ pub fn private_copy(binary: &Path) -> (tempfile::TempDir, PathBuf) {
     let copy = dir.path().join(name);
     std::fs::copy(binary, &copy).expect("copy the binary");
     (dir, copy)
+}
+
+/// Entries named `dtf-*` in `dir`.
+pub fn dtf_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("dtf-"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -34,7 +34,10 @@ enum Section {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "dtf-bench", about = "Benchmarks dtf against libtest and cargo-nextest")]
+#[command(
+    name = "dtf-bench",
+    about = "Benchmarks dtf against libtest and cargo-nextest"
+)]
 struct Args {
     /// Which measurements to run.
     #[arg(value_enum, default_value = "all")]

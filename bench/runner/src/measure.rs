@@ -31,7 +31,10 @@ pub fn time_once(cmd: &mut Command, ok_codes: &[i32]) -> Result<Duration, String
         _ => Err(format!(
             "{cmd:?} failed ({}): {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         )),
     }
 }
@@ -95,7 +98,9 @@ pub fn build(targets: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
-        if let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str()) {
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
             found.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
@@ -106,7 +111,8 @@ pub fn build(targets: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
 pub fn clean_command(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     for (name, _) in std::env::vars() {
-        if name.starts_with("DTF_") || name.starts_with("RUST_TEST_") || name.starts_with("NEXTEST") {
+        if name.starts_with("DTF_") || name.starts_with("RUST_TEST_") || name.starts_with("NEXTEST")
+        {
             cmd.env_remove(name);
         }
     }
@@ -127,7 +133,10 @@ mod tests {
     fn median_of_odd_and_even_counts() {
         let ms = Duration::from_millis;
         assert_eq!(median(vec![ms(3), ms(1), ms(2)]), ms(2));
-        assert_eq!(median(vec![ms(4), ms(1), ms(2), ms(3)]), Duration::from_micros(2500));
+        assert_eq!(
+            median(vec![ms(4), ms(1), ms(2), ms(3)]),
+            Duration::from_micros(2500)
+        );
         assert_eq!(median(vec![]), Duration::ZERO);
     }
 }

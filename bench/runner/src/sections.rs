@@ -101,7 +101,11 @@ impl Bench {
         println!(
             "\ndtf benchmark — {} repetition(s) per figure, medians; {nproc} cores{}\n",
             self.reps,
-            if self.quick { "; QUICK smoke mode (small sizes)" } else { "" }
+            if self.quick {
+                "; QUICK smoke mode (small sizes)"
+            } else {
+                ""
+            }
         );
         println!("| section | measurement | figure | target | met |");
         println!("| --- | --- | --- | --- | --- |");
@@ -153,14 +157,20 @@ pub fn local(b: &mut Bench) -> Result<(), String> {
     let reps = b.reps;
     let trivial = b.bin("trivial")?.to_path_buf();
     let std_bin = b.bin("trivial_std")?.to_path_buf();
-    let per_test = |d: Duration| format!("{} ({:.2} ms/test)", secs(d), d.as_secs_f64() * 1000.0 / n);
+    let per_test =
+        |d: Duration| format!("{} ({:.2} ms/test)", secs(d), d.as_secs_f64() * 1000.0 / n);
 
     let libtest = time_median(reps, || {
         let mut c = clean_command(&std_bin);
         c.arg("-q");
         c
     })?;
-    b.row("local", "(a) libtest, in-process, 1000 trivial tests", per_test(libtest), libtest.as_secs_f64());
+    b.row(
+        "local",
+        "(a) libtest, in-process, 1000 trivial tests",
+        per_test(libtest),
+        libtest.as_secs_f64(),
+    );
 
     let mut levels = vec!["env", "process"];
     if full_available(&trivial) {
@@ -188,7 +198,10 @@ pub fn local(b: &mut Bench) -> Result<(), String> {
         b.row(
             "local",
             "`full` over `env`",
-            format!("{:.2}× ({extra:+.2} ms/test)", full.as_secs_f64() / env.as_secs_f64()),
+            format!(
+                "{:.2}× ({extra:+.2} ms/test)",
+                full.as_secs_f64() / env.as_secs_f64()
+            ),
             full.as_secs_f64() / env.as_secs_f64(),
         );
     }
@@ -198,19 +211,45 @@ pub fn local(b: &mut Bench) -> Result<(), String> {
     let nextest = time_median(reps, || {
         let mut c = Command::new(measure::cargo());
         c.current_dir(&root)
-            .args(["nextest", "run", "--release", "-p", "dtf-bench-suites", "--test", "trivial"])
+            .args([
+                "nextest",
+                "run",
+                "--release",
+                "-p",
+                "dtf-bench-suites",
+                "--test",
+                "trivial",
+            ])
             .env("RUST_BACKTRACE", "0");
         c
     })?;
-    b.row("local", "(b) cargo nextest run over the dtf binary", per_test(nextest), nextest.as_secs_f64());
+    b.row(
+        "local",
+        "(b) cargo nextest run over the dtf binary",
+        per_test(nextest),
+        nextest.as_secs_f64(),
+    );
     let dtf_cargo = time_median(reps, || {
         let mut c = Command::new(measure::cargo());
         c.current_dir(&root)
-            .args(["test", "--release", "-q", "-p", "dtf-bench-suites", "--test", "trivial"])
+            .args([
+                "test",
+                "--release",
+                "-q",
+                "-p",
+                "dtf-bench-suites",
+                "--test",
+                "trivial",
+            ])
             .env("RUST_BACKTRACE", "0");
         c
     })?;
-    b.row("local", "(c') cargo test with dtf `env`", per_test(dtf_cargo), dtf_cargo.as_secs_f64());
+    b.row(
+        "local",
+        "(c') cargo test with dtf `env`",
+        per_test(dtf_cargo),
+        dtf_cargo.as_secs_f64(),
+    );
     let ratio = dtf_cargo.as_secs_f64() / nextest.as_secs_f64();
     b.target_row(
         "local",
@@ -239,7 +278,9 @@ fn sleepy_run(
             Some(net) => net.command(&sleepy),
             None => clean_command(&sleepy),
         };
-        c.args(["-q", "--order", "name"]).env("DTF_WORKERS", &addrs).env("DTF_TOKEN", &token);
+        c.args(["-q", "--order", "name"])
+            .env("DTF_WORKERS", &addrs)
+            .env("DTF_TOKEN", &token);
         if let Some(f) = filter {
             c.arg(f);
         }
@@ -274,7 +315,9 @@ pub fn distributed(b: &mut Bench) -> Result<(), String> {
         let net = match LatencyNet::create(rtt_ms) {
             Ok(net) => net,
             Err(e) => {
-                b.note(format!("simulated latency skipped ({rtt_ms} ms round trip): {e}"));
+                b.note(format!(
+                    "simulated latency skipped ({rtt_ms} ms round trip): {e}"
+                ));
                 continue;
             }
         };
@@ -282,7 +325,8 @@ pub fn distributed(b: &mut Bench) -> Result<(), String> {
         let makespan = sleepy_run(b, &workers, filter, Some(&net))?;
         let bound = (work / (k * slots_each) as f64).max(0.050);
         let eff = 100.0 * bound / makespan.as_secs_f64();
-        let what = format!("{tests} × 50 ms on K={k} × {slots_each}, {rtt_ms} ms round trip (netem)");
+        let what =
+            format!("{tests} × 50 ms on K={k} × {slots_each}, {rtt_ms} ms round trip (netem)");
         let value = format!("{} vs bound {bound:.3} s: {eff:.1} %", secs(makespan));
         if rtt_ms == 10 && k == 4 {
             b.target_row("distributed", what, value, eff, "≥ 85 %", eff >= 85.0);
@@ -297,7 +341,9 @@ pub fn distributed(b: &mut Bench) -> Result<(), String> {
 pub fn shipping(b: &mut Bench) -> Result<(), String> {
     let worker_bin = b.bin("dtf-worker")?.to_path_buf();
     let trivial = b.bin("trivial")?.to_path_buf();
-    let size = std::fs::metadata(&trivial).map_err(|e| e.to_string())?.len();
+    let size = std::fs::metadata(&trivial)
+        .map_err(|e| e.to_string())?
+        .len();
     let k = if b.quick { 2 } else { 4 };
     let mut cold = Vec::new();
     let mut warm_bytes = 0;
@@ -313,8 +359,15 @@ pub fn shipping(b: &mut Bench) -> Result<(), String> {
     let mbps = shipped as f64 / 1e6 / cold_time.as_secs_f64();
     b.row(
         "shipping",
-        format!("cold run of 1 test, binary {:.1} MB to {k} workers", size as f64 / 1e6),
-        format!("{} ({mbps:.0} MB/s over {:.1} MB shipped)", secs(cold_time), shipped as f64 / 1e6),
+        format!(
+            "cold run of 1 test, binary {:.1} MB to {k} workers",
+            size as f64 / 1e6
+        ),
+        format!(
+            "{} ({mbps:.0} MB/s over {:.1} MB shipped)",
+            secs(cold_time),
+            shipped as f64 / 1e6
+        ),
         cold_time.as_secs_f64(),
     );
     b.target_row(
@@ -350,13 +403,21 @@ pub fn scheduling(b: &mut Bench) -> Result<(), String> {
     b.row(
         "scheduling",
         "skewed suite, 4 slots, name order (no history)",
-        format!("{} ({:.1} % of bound {bound:.2} s)", secs(by_name), eff(by_name)),
+        format!(
+            "{} ({:.1} % of bound {bound:.2} s)",
+            secs(by_name),
+            eff(by_name)
+        ),
         by_name.as_secs_f64(),
     );
     b.target_row(
         "scheduling",
         "skewed suite, 4 slots, longest first from history",
-        format!("{} ({:.1} % of bound {bound:.2} s)", secs(by_history), eff(by_history)),
+        format!(
+            "{} ({:.1} % of bound {bound:.2} s)",
+            secs(by_history),
+            eff(by_history)
+        ),
         by_history.as_secs_f64(),
         "closer to the bound than name order",
         by_history < by_name,
@@ -373,7 +434,12 @@ pub fn resources(b: &mut Bench) -> Result<(), String> {
     let workers = LocalWorkers::start(&worker_bin, 1, 4, None)?;
     std::thread::sleep(Duration::from_millis(200));
     let idle = workers.rss_kib(0)?;
-    b.row("resources", "worker RSS, idle", format!("{:.1} MiB", idle as f64 / 1024.0), idle as f64 / 1024.0);
+    b.row(
+        "resources",
+        "worker RSS, idle",
+        format!("{:.1} MiB", idle as f64 / 1024.0),
+        idle as f64 / 1024.0,
+    );
     let peak = workers.peak_rss_during(0, &sleepy, &["-q", "t000"])?;
     b.row(
         "resources",

@@ -22,7 +22,10 @@ impl LatencyNet {
         let net = LatencyNet { name };
         run_ip(&["netns", "exec", &net.name, "ip", "link", "set", "lo", "up"])?;
         let delay = format!("{}ms", rtt_ms as f64 / 2.0);
-        run_ip(&["netns", "exec", &net.name, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", &delay])?;
+        run_ip(&[
+            "netns", "exec", &net.name, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+            "delay", &delay,
+        ])?;
         Ok(net)
     }
 
@@ -75,7 +78,11 @@ impl LocalWorkers {
         net: Option<&LatencyNet>,
     ) -> Result<LocalWorkers, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let token = format!("bench-{}-{:x}", std::process::id(), Instant::now().elapsed().as_nanos() ^ 0x5eed);
+        let token = format!(
+            "bench-{}-{:x}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ 0x5eed
+        );
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, &token).map_err(|e| e.to_string())?;
         let mut workers = LocalWorkers {
@@ -101,7 +108,9 @@ impl LocalWorkers {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
-            let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", worker_bin.display()))?;
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", worker_bin.display()))?;
             let stdout = child.stdout.take().ok_or("no stdout")?;
             let mut line = String::new();
             BufReader::new(stdout)
@@ -131,7 +140,11 @@ impl LocalWorkers {
 
     /// Runs `binary args` against the workers; its wall time and the binary bytes it shipped
     /// (read from the run's summary notes).
-    pub fn run_counting_bytes(&self, binary: &Path, args: &[&str]) -> Result<(Duration, u64), String> {
+    pub fn run_counting_bytes(
+        &self,
+        binary: &Path,
+        args: &[&str],
+    ) -> Result<(Duration, u64), String> {
         let started = Instant::now();
         let out = clean_command(binary)
             .args(args)
@@ -142,10 +155,21 @@ impl LocalWorkers {
             .map_err(|e| e.to_string())?;
         let elapsed = started.elapsed();
         if !out.status.success() {
-            return Err(format!("distributed run failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "distributed run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        Ok((elapsed, shipped_bytes(&text).ok_or_else(|| format!("no shipping figure in the output:\n{text}"))?))
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((
+            elapsed,
+            shipped_bytes(&text)
+                .ok_or_else(|| format!("no shipping figure in the output:\n{text}"))?,
+        ))
     }
 
     /// Resident set size of worker `i` now, in KiB.
@@ -205,7 +229,11 @@ fn status_field(pid: u32, field: &str) -> Option<u64> {
 
 /// Runs `binary args` as a coordinator against `workers` and returns its own peak RSS in KiB
 /// (from `wait4`'s resource usage, which covers exactly that process).
-pub fn peak_rss_of_run(binary: &Path, args: &[&str], workers: &LocalWorkers) -> Result<u64, String> {
+pub fn peak_rss_of_run(
+    binary: &Path,
+    args: &[&str],
+    workers: &LocalWorkers,
+) -> Result<u64, String> {
     let child = clean_command(binary)
         .args(args)
         .env("DTF_WORKERS", workers.addrs())

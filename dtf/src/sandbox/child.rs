@@ -113,7 +113,8 @@ fn die_with_parent(parent: u32) -> Result<(), String> {
         nix::libc::sigaction(signal, &action, std::ptr::null_mut())
     };
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this process.
-    let set = unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, signal as nix::libc::c_ulong) };
+    let set =
+        unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, signal as nix::libc::c_ulong) };
     if installed != 0 || set != 0 {
         return Err(format!(
             "cannot arrange for the test to die with its runner: {}",

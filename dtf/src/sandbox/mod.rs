@@ -10,6 +10,7 @@
 pub mod child;
 pub mod env;
 pub mod namespaces;
+pub mod rundir;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -316,8 +317,21 @@ impl TestDir {
         self.0.path().join("tmp")
     }
 
+    /// Keeps the directory: it moves out of the run directory (which is removed with its
+    /// runner) next to it, and its path is returned.
     fn keep(self) -> String {
-        self.0.keep().display().to_string()
+        let dir = self.0.keep();
+        let moved = match (dir.parent().and_then(Path::parent), dir.file_name()) {
+            (Some(outside), Some(name)) => {
+                let target = outside.join(name);
+                match std::fs::rename(&dir, &target) {
+                    Ok(()) => target,
+                    Err(_) => dir,
+                }
+            }
+            _ => dir,
+        };
+        moved.display().to_string()
     }
 }
 
