@@ -249,6 +249,11 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
             dir: cache_dir.display().to_string(),
             error,
         })?;
+    // Tests' directories go into a locked run directory; directories left by a worker that
+    // was killed (its lock is free) are removed here,
+    // before the worker announces itself.
+    let run_dir = dtf::sandbox::rundir::RunDir::create_in(&std::env::temp_dir())
+        .map_err(WorkerError::TempDir)?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|error| WorkerError::Bind {
@@ -288,10 +293,6 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
             "running as root: whoever holds the token can run any code as root; prefer an unprivileged user"
         );
     }
-    // Tests' directories go into a locked run directory; directories left by a worker that
-    // was killed (its lock is free) are removed here.
-    let run_dir = dtf::sandbox::rundir::RunDir::create_in(&std::env::temp_dir())
-        .map_err(WorkerError::TempDir)?;
     let shared = service::Shared::new(name, slots, cache, run_dir.path().to_path_buf());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(stop_on_signals(stop_tx.clone()));

@@ -42,6 +42,7 @@ pub struct Worker {
     pub token: Option<String>,
     root: tempfile::TempDir,
     log: Arc<Mutex<String>>,
+    config: WorkerConfig,
 }
 
 impl Worker {
@@ -57,69 +58,25 @@ impl Worker {
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir(root.path().join("tmp")).expect("tmp dir");
-        let mut cmd = Command::new(worker_binary());
-        cmd.args(["--listen", "127.0.0.1:0", "--slots"])
-            .arg(config.slots.to_string())
-            .arg("--cache-dir")
-            .arg(root.path().join("cache"))
-            .env("TMPDIR", root.path().join("tmp"))
-            .env("DTF_LOG", "info,tarpc=warn")
-            .env_remove("DTF_TOKEN")
-            .env_remove("DTF_TOKEN_FILE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(max) = &config.cache_max {
-            cmd.arg("--cache-max").arg(max);
-        }
-        if let Some(token) = &config.token {
-            cmd.env("DTF_TOKEN", token);
-        }
-        let mut child = cmd.spawn().expect("start dtf-worker");
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut line = String::new();
-            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_str(&line);
-                line.clear();
-            }
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep reading so the worker never blocks on a full pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("dtf-worker prints its address");
-        let addr = line
-            .trim()
-            .strip_prefix("dtf-worker listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "unexpected first line {line:?}; log:\n{}",
-                    log.lock().unwrap_or_else(|e| e.into_inner())
-                )
-            })
-            .to_owned();
-        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        let (child, addr, log) = launch(root.path(), &config);
         Worker {
             child,
             addr,
-            token: config.token,
+            token: config.token.clone(),
             root,
             log,
+            config,
         }
+    }
+
+    /// Starts a new worker process on the same cache and `TMPDIR` (after this one died or was
+    /// killed), as an operator restarting a worker would; it listens on a new port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, addr, log) = launch(self.root.path(), &self.config);
+        self.child = child;
+        self.addr = addr;
+        self.log = log;
     }
 
     /// The worker's process id.
@@ -376,4 +333,66 @@ pub fn dtf_dirs(dir: &Path) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Starts a worker process whose cache and `TMPDIR` live in `root`; its process, address and
+/// log.
+fn launch(root: &Path, config: &WorkerConfig) -> (Child, String, Arc<Mutex<String>>) {
+    let mut cmd = Command::new(worker_binary());
+    cmd.args(["--listen", "127.0.0.1:0", "--slots"])
+        .arg(config.slots.to_string())
+        .arg("--cache-dir")
+        .arg(root.join("cache"))
+        .env("TMPDIR", root.join("tmp"))
+        .env("DTF_LOG", "info,tarpc=warn")
+        .env_remove("DTF_TOKEN")
+        .env_remove("DTF_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(max) = &config.cache_max {
+        cmd.arg("--cache-max").arg(max);
+    }
+    if let Some(token) = &config.token {
+        cmd.env("DTF_TOKEN", token);
+    }
+    let mut child = cmd.spawn().expect("start dtf-worker");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut line = String::new();
+        while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&line);
+            line.clear();
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep reading so the worker never blocks on a full pipe.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("dtf-worker prints its address");
+    let addr = line
+        .trim()
+        .strip_prefix("dtf-worker listening on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "unexpected first line {line:?}; log:\n{}",
+                log.lock().unwrap_or_else(|e| e.into_inner())
+            )
+        })
+        .to_owned();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    (child, addr, log)
 }

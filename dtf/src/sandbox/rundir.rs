@@ -59,7 +59,13 @@ pub fn sweep(root: &Path) {
             continue;
         };
         if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            let _ = std::fs::remove_dir_all(&path);
+            // A test of the dead runner may still be dying and writing: try a few times.
+            for _ in 0..3 {
+                if std::fs::remove_dir_all(&path).is_ok() || !path.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             drop(lock);
         }
     }
