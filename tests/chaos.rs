@@ -229,6 +229,6 @@ fn a_killed_coordinator_leaves_every_worker_clean_and_serving() {
     for w in &workers {
         assert_clean(w);
     }
-    let run = run_bounded(&mut workers_command(&binary, &refs).arg("t000"), MINUTE);
+    let run = run_bounded(workers_command(&binary, &refs).arg("t000"), MINUTE);
     assert_each_passed_once(&run, 100);
 }

@@ -66,11 +66,11 @@ fn main() {
     let all = args.section == Section::All;
     let mut failed = false;
     let mut run = |section: Section, f: fn(&mut sections::Bench) -> Result<(), String>| {
-        if all || args.section == section {
-            if let Err(e) = f(&mut bench) {
-                eprintln!("error in {section:?}: {e}");
-                failed = true;
-            }
+        if (all || args.section == section)
+            && let Err(e) = f(&mut bench)
+        {
+            eprintln!("error in {section:?}: {e}");
+            failed = true;
         }
     };
     run(Section::Local, sections::local);
@@ -79,11 +79,11 @@ fn main() {
     run(Section::Scheduling, sections::scheduling);
     run(Section::Resources, sections::resources);
     bench.print_table();
-    if let Some(path) = &args.json {
-        if let Err(e) = bench.write_json(path) {
-            eprintln!("error: cannot write {}: {e}", path.display());
-            failed = true;
-        }
+    if let Some(path) = &args.json
+        && let Err(e) = bench.write_json(path)
+    {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        failed = true;
     }
     if failed {
         std::process::exit(1);

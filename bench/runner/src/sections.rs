@@ -381,8 +381,8 @@ pub fn shipping(b: &mut Bench) -> Result<(), String> {
     Ok(())
 }
 
-/// 4. Scheduling: the skewed suite (40 × 100 ms and one 1000 ms test, last by name) on 4 slots,
-/// in name order and in history order.
+/// Scheduling (section 4): the skewed suite (40 × 100 ms and one 1000 ms test, last by name)
+/// on 4 slots, in name order and in history order.
 pub fn scheduling(b: &mut Bench) -> Result<(), String> {
     let skewed = b.bin("skewed")?.to_path_buf();
     let history = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -425,8 +425,8 @@ pub fn scheduling(b: &mut Bench) -> Result<(), String> {
     Ok(())
 }
 
-/// 5. Resources: a worker's RSS idle and under load; the coordinator's peak RSS for 10 000
-/// tests through 4 workers.
+/// Resources (section 5): a worker's RSS idle and under load; the coordinator's peak RSS for
+/// 10 000 tests through 4 workers.
 pub fn resources(b: &mut Bench) -> Result<(), String> {
     let worker_bin = b.bin("dtf-worker")?.to_path_buf();
     let sleepy = b.bin("sleepy")?.to_path_buf();
