@@ -133,6 +133,11 @@ impl LocalWorkers {
         self.addrs.join(",")
     }
 
+    /// The workers' addresses.
+    pub fn addrs_list(&self) -> Vec<String> {
+        self.addrs.clone()
+    }
+
     /// The shared token.
     pub fn token(&self) -> &str {
         &self.token
@@ -257,4 +262,102 @@ pub fn peak_rss_of_run(
         return Err(format!("the 10 000-test run failed (status {status:#x})"));
     }
     Ok(usage.ru_maxrss as u64)
+}
+
+/// A TCP proxy on loopback that delays every byte by a fixed one-way latency in each
+/// direction (order kept, no bandwidth limit): simulated latency where `tc netem` is not
+/// available. Stops accepting when dropped.
+pub struct DelayProxy {
+    addrs: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DelayProxy {
+    /// One listener in front of each of `targets`, adding `rtt / 2` each way.
+    pub fn start(targets: &[String], rtt: Duration) -> Result<DelayProxy, String> {
+        use std::net::TcpListener;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let one_way = rtt / 2;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut addrs = Vec::new();
+        for target in targets {
+            let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            addrs.push(
+                listener
+                    .local_addr()
+                    .map_err(|e| e.to_string())?
+                    .to_string(),
+            );
+            let target = target.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                                continue;
+                            };
+                            let _ = client.set_nonblocking(false);
+                            for s in [&client, &server] {
+                                let _ = s.set_nodelay(true);
+                            }
+                            if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                                pump(client, s2, one_way);
+                                pump(server, c2, one_way);
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+        }
+        Ok(DelayProxy { addrs, stop })
+    }
+
+    /// `DTF_WORKERS` pointing at the proxies.
+    pub fn addrs(&self) -> String {
+        self.addrs.join(",")
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to`, each chunk held back until `delay` after it was read.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, bytes) in rx {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
 }
