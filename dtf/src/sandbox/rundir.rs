@@ -16,30 +16,53 @@ const LOCK: &str = ".lock";
 /// A locked run directory, removed (with whatever is left in it) when dropped.
 #[derive(Debug)]
 pub struct RunDir {
-    dir: tempfile::TempDir,
+    path: PathBuf,
     _lock: Flock<File>,
 }
 
 impl RunDir {
     /// Removes the run directories of dead runners in `root`, then creates and locks a new one.
+    ///
+    /// The directory is made and locked under a name the sweep ignores, then renamed into
+    /// place: a concurrent sweep never sees a run directory whose lock is not yet held.
     pub fn create_in(root: &Path) -> Result<RunDir, String> {
         sweep(root);
         std::fs::create_dir_all(root)
             .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{PREFIX}{}-", std::process::id()))
+        let fresh = tempfile::Builder::new()
+            .prefix(&format!(".dtf-new-{}-", std::process::id()))
             .tempdir_in(root)
             .map_err(|e| format!("cannot create a run directory in {}: {e}", root.display()))?;
-        let file = File::create(dir.path().join(LOCK))
-            .map_err(|e| format!("cannot create the lock in {}: {e}", dir.path().display()))?;
+        let file = File::create(fresh.path().join(LOCK))
+            .map_err(|e| format!("cannot create the lock in {}: {e}", fresh.path().display()))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| format!("cannot lock {}: {e}", dir.path().display()))?;
-        Ok(RunDir { dir, _lock: lock })
+            .map_err(|(_, e)| format!("cannot lock {}: {e}", fresh.path().display()))?;
+        let suffix = fresh
+            .path()
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_start_matches(".dtf-new-")
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        let path = root.join(format!("{PREFIX}{suffix}"));
+        std::fs::rename(fresh.path(), &path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        // Renamed away: the guard has nothing left to remove.
+        let _ = fresh.keep();
+        Ok(RunDir { path, _lock: lock })
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
