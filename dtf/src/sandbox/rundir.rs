@@ -123,4 +123,26 @@ mod tests {
         drop(second);
         assert!(!path.exists(), "removed on drop");
     }
+
+    #[test]
+    fn concurrent_runners_never_sweep_each_other() {
+        let root = tempfile::tempdir().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let root = root.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for _ in 0..40 {
+                        let dir = RunDir::create_in(&root).unwrap();
+                        std::fs::create_dir(dir.path().join("dtf-test")).unwrap();
+                        assert!(dir.path().join("dtf-test").is_dir());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }
