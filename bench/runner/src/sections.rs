@@ -371,7 +371,7 @@ pub fn shipping(b: &mut Bench) -> Result<(), String> {
     b.row(
         "shipping",
         format!(
-            "cold run of 1 test, binary {:.1} MB to {k} workers",
+            "cold run of 1 test (≈ time to first test), binary {:.1} MB to {k} workers",
             size as f64 / 1e6
         ),
         format!(
