@@ -95,16 +95,9 @@ fn tail(text: &str) -> String {
 
 /// Processes whose executable lies under `dir` (a worker's cache: its test processes).
 fn processes_running_from(dir: &Path) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(dir))
-        })
-        .collect()
+    processes_where(|pid| {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(dir))
+    })
 }
 
 /// Nothing of a run is left on `worker`: no test process, no test directory.

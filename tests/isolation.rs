@@ -67,17 +67,9 @@ fn token() -> String {
 /// Host pids of live processes whose command line is exactly `sleep TOKEN`.
 fn daemons(token: &str) -> Vec<i32> {
     let cmdline = format!("sleep\0{token}\0");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
-        })
-        .filter(|&pid| process_alive(pid))
-        .collect()
+    processes_where(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
+    })
 }
 
 /// Kills the daemons of a token when dropped, so a failing assertion leaves nothing behind.

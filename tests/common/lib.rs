@@ -206,3 +206,15 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 mod workers;
 pub use workers::*;
+
+/// Live processes for which `keep(pid)` holds.
+pub fn processes_where(keep: impl Fn(i32) -> bool) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| keep(pid) && process_alive(pid))
+        .collect()
+}

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{dtf_command, process_alive, worker_binary};
+use crate::{dtf_command, worker_binary};
 
 /// How a [`Worker`] starts.
 #[derive(Clone, Debug)]
@@ -283,19 +283,10 @@ pub fn parent_of(pid: i32) -> Option<i32> {
 
 /// Live processes whose command line contains `needle`.
 pub fn processes_with(needle: &str) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
-        })
-        .filter(|&pid| process_alive(pid))
-        .collect()
+    crate::processes_where(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    })
 }
 
 /// `test NAME ... RESULT` lines of a run, by name.

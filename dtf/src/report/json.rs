@@ -201,20 +201,8 @@ mod tests {
     use super::*;
     use crate::outcome::{Failure, Output, Stream};
     use serde_json::json;
-    use std::sync::{Arc, Mutex};
 
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::report::SharedBuf as Buf;
 
     fn attempt(failure: Option<Failure>, out: &[u8]) -> Attempt {
         let mut output = Output::default();

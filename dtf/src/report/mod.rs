@@ -141,3 +141,23 @@ impl Reporters {
 pub fn stdout() -> Box<dyn Write + Send> {
     Box::new(io::stdout())
 }
+
+/// An in-memory output shared between a reporter under test and the test that reads it.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct SharedBuf(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

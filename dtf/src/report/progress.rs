@@ -303,18 +303,7 @@ mod tests {
     use super::*;
     use crate::report::pretty::Pretty;
 
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::report::SharedBuf as Buf;
 
     fn report(name: &str, status: Status) -> TestReport {
         TestReport {
