@@ -324,3 +324,8 @@ fn echo(args: &[String]) -> Output {
     }
     Output { stdout }
 }
+
+// The unit tests of this library run under dtf, like its integration tests (`harness = false`
+// under `[lib]` in Cargo.toml).
+#[cfg(test)]
+dtf::main!();

@@ -153,3 +153,42 @@ pub(crate) fn is_name(name: &str) -> bool {
         .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    fn vars(name: &str) -> Option<String> {
+        match name {
+            "HOME" => Some("/home/alice".to_owned()),
+            "GREETING" => Some("hello world".to_owned()),
+            _ => None,
+        }
+    }
+
+    #[dtf::test]
+    fn quotes_and_expansions() {
+        let words = split(r#"echo '$HOME' "$GREETING" ${HOME}/x ~/notes"#, vars).unwrap();
+        assert_eq!(
+            words,
+            [
+                "echo",
+                "$HOME",
+                "hello world",
+                "/home/alice/x",
+                "/home/alice/notes"
+            ]
+        );
+    }
+
+    #[dtf::test]
+    fn empty_unquoted_expansions_disappear() {
+        assert_eq!(split("cd $UNSET", vars).unwrap(), ["cd"]);
+        assert_eq!(split(r#"cd "$UNSET""#, vars).unwrap(), ["cd", ""]);
+    }
+
+    #[dtf::test]
+    fn comments_end_the_line() {
+        assert_eq!(split("pwd # where am I", vars).unwrap(), ["pwd"]);
+    }
+}
