@@ -160,3 +160,66 @@ fn the_hermetic_environment_holds_under_nextest() {
         "private HOME, got {home}"
     );
 }
+
+#[test]
+fn nextest_runs_the_shell_example_and_lists_what_cargo_test_lists() {
+    // Doc tests are not nextest's business: compare with `cargo test --tests`.
+    let run = nextest(&["run", "-p", "shell-env", "--color", "never"]);
+    assert_eq!(run.code, Some(0), "{}", run.dump());
+    let passed = nextest_outcomes(&run);
+    assert!(passed.values().all(|&p| p), "{passed:?}");
+
+    let listed = nextest(&["list", "-p", "shell-env", "--message-format", "json"]);
+    let json_line = listed
+        .stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("json");
+    let list: serde_json::Value = serde_json::from_str(json_line).expect("nextest's json");
+    let mut from_nextest: Vec<String> = list["rust-suites"]
+        .as_object()
+        .expect("rust-suites")
+        .values()
+        .flat_map(|s| {
+            s["testcases"]
+                .as_object()
+                .into_iter()
+                .flat_map(|c| c.keys().cloned())
+        })
+        .collect();
+    from_nextest.sort();
+    assert_eq!(
+        passed.len(),
+        from_nextest.len(),
+        "nextest ran what it listed"
+    );
+
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let via_cargo = run_bounded(
+        Command::new(cargo).current_dir(workspace_root()).args([
+            "test",
+            "-q",
+            "-p",
+            "shell-env",
+            "--tests",
+            "--",
+            "--list",
+            "--format",
+            "terse",
+        ]),
+        Duration::from_secs(300),
+    );
+    assert_eq!(via_cargo.code, Some(0), "{}", via_cargo.dump());
+    let mut from_cargo: Vec<String> = via_cargo
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect();
+    from_cargo.sort();
+    assert_eq!(from_nextest, from_cargo);
+    assert!(
+        from_cargo.len() >= 16,
+        "unit and integration tests: {from_cargo:?}"
+    );
+}
