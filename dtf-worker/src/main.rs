@@ -288,6 +288,11 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
         "serving"
     );
 
+    if let Err(reason) = dtf::sandbox::namespaces::probe() {
+        tracing::warn!(
+            "isolation level `full` is not available on this worker, its tests will fail here: {reason}"
+        );
+    }
     if nix::unistd::geteuid().is_root() {
         tracing::warn!(
             "running as root: whoever holds the token can run any code as root; prefer an unprivileged user"

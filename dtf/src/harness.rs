@@ -181,8 +181,17 @@ async fn run_tests(
     selected: &[Selected<'_>],
     filtered_out: usize,
 ) -> Result<i32, Error> {
+    // `--workers` / `DTF_WORKERS`: run on dtf-worker services instead of locally.
+    let workers = coordinator::Options::from_env(
+        args.workers.as_deref(),
+        config.slots,
+        args.fail_fast,
+        config.slow,
+    )?;
     let mut defaults = config.defaults.clone();
-    if Plan::needs_namespaces(selected, &defaults) {
+    // Namespaces are checked where the tests run: here for a local run; each worker checks
+    // its own kernel (and says so in its log) for a distributed one.
+    if workers.is_none() && Plan::needs_namespaces(selected, &defaults) {
         if let Err(reason) = namespaces::probe() {
             // A run-wide `full-or-env` lets every test fall back. Otherwise only tests marked
             // `full-or-env` may, and one test at `full` (by attribute or run-wide) stops the run.
@@ -200,13 +209,6 @@ async fn run_tests(
         }
     }
     let plan = Plan::new(selected, &defaults);
-    // `--workers` / `DTF_WORKERS`: run on dtf-worker services instead of locally.
-    let workers = coordinator::Options::from_env(
-        args.workers.as_deref(),
-        config.slots,
-        args.fail_fast,
-        config.slow,
-    )?;
     let exe = std::env::current_exe()
         .map_err(|e| Error::Workers(format!("cannot find this test binary: {e}")))?;
 
