@@ -352,14 +352,36 @@ fn parse_errno(s: &str) -> Option<Errno> {
 }
 
 /// The directories that must stay visible once `/tmp` is covered: `HOME`, `TMPDIR` and the
-/// working directory, where they lie under `/tmp` (outermost only, ancestors first).
+/// working directory, where they lie under `/tmp` (outermost only, ancestors first). A working
+/// directory that is a package root under `/tmp` (a checkout in `/tmp/project`) keeps the whole
+/// checkout visible — its `target/` and sibling crates with it — since tests refer to them by
+/// absolute paths (`CARGO_TARGET_TMPDIR`, `CARGO_MANIFEST_DIR/..`).
 fn dirs_to_keep(cwd: Option<&Path>) -> Vec<PathBuf> {
     let tmp = Path::new("/tmp");
-    let mut dirs: Vec<PathBuf> = ["HOME", "TMPDIR"]
+    let private: Vec<PathBuf> = ["HOME", "TMPDIR"]
         .iter()
         .filter_map(|var| std::env::var_os(var).map(PathBuf::from))
-        .chain(cwd.map(Path::to_path_buf))
         .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let checkout = cwd.and_then(|c| std::fs::canonicalize(c).ok()).map(|c| {
+        // The test's own directory (the fallback working directory) is kept as it is; a
+        // package root is widened to its top-level directory under /tmp.
+        let own = private
+            .iter()
+            .any(|p| p.parent().is_some_and(|test_dir| c.starts_with(test_dir)));
+        match c
+            .strip_prefix(tmp)
+            .ok()
+            .and_then(|rest| rest.components().next())
+        {
+            Some(top) if !own => tmp.join(top),
+            _ => c,
+        }
+    });
+    let mut dirs: Vec<PathBuf> = private
+        .iter()
+        .cloned()
+        .chain(checkout)
         .filter(|p| p.starts_with(tmp) && p != tmp && p.is_dir())
         .collect();
     dirs.sort();
