@@ -561,3 +561,46 @@ fn a_killed_runner_takes_its_tests_and_their_children_with_it() {
         );
     }
 }
+
+#[test]
+fn ctrl_c_stops_the_run_kills_running_tests_and_reports_them_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pids");
+    let runner = dtf_command(&fixture())
+        .args(["--exact", "core_hold_with_grandchild", "pass_plain"])
+        .env("DTF_PASS_ENV", "FIXTURE_PID_FILE")
+        .env("FIXTURE_PID_FILE", &pid_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = eventually(Duration::from_secs(20), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.split_whitespace().count() == 2)
+    });
+    assert!(started, "the test never started");
+    let pids: Vec<i32> = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let interrupted = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runner.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = runner.wait_with_output().unwrap();
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(10),
+        "the 30 s test was not cut short"
+    );
+    assert_eq!(out.status.code(), Some(130), "128 + SIGINT");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 not run"), "{stdout}");
+    for pid in pids {
+        assert!(
+            eventually(Duration::from_secs(5), || !process_alive(pid)),
+            "process {pid} outlived the interrupted run"
+        );
+    }
+}
