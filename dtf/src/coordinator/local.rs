@@ -4,7 +4,8 @@
 //! The worker binary is found through `DTF_WORKER_BIN`, then `PATH`, then next to this test
 //! binary's target directory (`target/debug/dtf-worker` for `target/debug/deps/NAME-HASH`).
 //! Each worker is started with `--exit-on-stdin-eof`: if this process dies, even by SIGKILL,
-//! its end of their stdin closes and they shut down (killing their tests).
+//! its end of their stdin closes and they shut down (killing their tests). Their binary caches
+//! live in `target/<profile>/dtf-local-workers/`, so a second run ships nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,7 +23,7 @@ const START_LIMIT: Duration = Duration::from_secs(10);
 /// Running local workers. Dropping them kills them.
 pub struct LocalWorkers {
     workers: Vec<LocalWorker>,
-    _caches: tempfile::TempDir,
+    _caches: Caches,
     /// The token they share.
     pub token: String,
 }
@@ -105,15 +106,48 @@ pub fn find_worker_binary(test_binary: &Path) -> Result<PathBuf, String> {
     ))
 }
 
+/// Where local workers keep the binaries they were sent.
+enum Caches {
+    /// `target/<profile>/dtf-local-workers/`, kept between runs, so a warm run ships nothing.
+    Kept(PathBuf),
+    /// A temporary directory for a test binary outside a cargo target directory.
+    Temporary(tempfile::TempDir),
+}
+
+impl Caches {
+    /// Beside the test binary's cargo profile directory when it has one, else temporary.
+    fn for_binary(test_binary: &Path) -> Result<Caches, String> {
+        let deps = test_binary.parent();
+        if let Some(profile) = deps
+            .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
+            .and_then(Path::parent)
+        {
+            let dir = profile.join("dtf-local-workers");
+            if std::fs::create_dir_all(&dir).is_ok() {
+                return Ok(Caches::Kept(dir));
+            }
+        }
+        tempfile::Builder::new()
+            .prefix("dtf-local-workers-")
+            .tempdir()
+            .map(Caches::Temporary)
+            .map_err(|e| format!("cannot create a cache directory for the local workers: {e}"))
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Caches::Kept(dir) => dir,
+            Caches::Temporary(dir) => dir.path(),
+        }
+    }
+}
+
 /// Starts `n` workers with `slots` slots each on `127.0.0.1:0`.
 pub async fn start(test_binary: &Path, n: usize, slots: usize) -> Result<LocalWorkers, String> {
     let program = find_worker_binary(test_binary)?;
     let token = crate::protocol::Token::random_text()
         .map_err(|e| format!("cannot make a token for the local workers: {e}"))?;
-    let caches = tempfile::Builder::new()
-        .prefix("dtf-local-workers-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a cache directory for the local workers: {e}"))?;
+    let caches = Caches::for_binary(test_binary)?;
     let log = std::env::var("DTF_LOG")
         .ok()
         .filter(|v| !v.is_empty())
