@@ -806,6 +806,19 @@ fn local_workers_run_the_suite_and_die_with_their_coordinator() {
     );
     assert_all_sleepers_passed_once(&run.stdout);
 
+    // The local workers' caches outlive the run: the next run ships nothing.
+    let mut cmd = dtf_command(&fixture);
+    cmd.env("DTF_WORKERS", "local:2")
+        .env("DTF_WORKER_BIN", worker_binary());
+    sleepers(&mut cmd, 0, None);
+    let again = run_bounded(&mut cmd, MINUTE);
+    assert_eq!(again.code, Some(0), "{}", again.dump());
+    assert!(
+        again.stdout.contains("binary shipped to 0 of 2 (0 bytes)"),
+        "{}",
+        again.dump()
+    );
+
     // SIGKILL the coordinator: its local workers notice their stdin close and exit, killing
     // their tests.
     let out = tempfile::tempdir().expect("dir");
