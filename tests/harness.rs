@@ -604,3 +604,20 @@ fn ctrl_c_stops_the_run_kills_running_tests_and_reports_them_not_run() {
         );
     }
 }
+
+#[test]
+fn a_target_without_harness_false_fails_with_what_to_do() {
+    let binary = test_binary("dtf-fixture", "forgot_harness");
+    let run = run_bounded(
+        std::process::Command::new(binary).env("RUST_BACKTRACE", "0"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code, Some(101), "{}", run.dump());
+    assert!(
+        run.stdout
+            .contains("`lonely` is a #[dtf::test], but this target runs libtest's harness")
+            && run.stdout.contains("harness = false"),
+        "{}",
+        run.dump()
+    );
+}

@@ -259,7 +259,21 @@ fn registration(function: &ItemFn, options: &Options, markers: &Markers) -> Toke
         fields.push(quote!(memory: ::core::option::Option::Some(#bytes)));
     }
 
+    // A `#[test]` twin that exists only where libtest's harness runs (rustc strips `#[test]`
+    // items from `harness = false` targets): a target that forgot `harness = false` fails
+    // loudly with what to do, instead of silently running no dtf test at all.
+    let twin = syn::Ident::new(&format!("__dtf_{name}_needs_harness_false"), ident.span());
+    let twin_cfgs = function.attrs.iter().filter(|a| a.path().is_ident("cfg"));
+
     quote! {
+        #(#twin_cfgs)*
+        // The built-in attribute by its full path: `use dtf::test;` may shadow `test`.
+        #[::core::prelude::v1::test]
+        #[doc(hidden)]
+        fn #twin() {
+            ::dtf::__private::wrong_harness(#name)
+        }
+
         #(#cfgs)*
         ::dtf::__private::inventory::submit! {
             ::dtf::__private::TestDef {
@@ -345,7 +359,7 @@ mod tests {
     }
 
     #[test]
-    fn cfg_applies_to_the_registration() {
+    fn cfg_applies_to_the_registration_and_the_libtest_twin() {
         let code = expanded(
             TokenStream::new(),
             quote!(
@@ -353,7 +367,24 @@ mod tests {
                 fn only_unix() {}
             ),
         );
-        assert_eq!(code.matches("# [cfg (unix)]").count(), 2, "{code}");
+        // On the function, on its `#[test]` twin and on its registration.
+        assert_eq!(code.matches("# [cfg (unix)]").count(), 3, "{code}");
+    }
+
+    #[test]
+    fn a_libtest_twin_explains_a_missing_harness_false() {
+        let code = expanded(
+            TokenStream::new(),
+            quote!(
+                fn plain() {}
+            ),
+        );
+        assert!(
+            code.contains(
+                "# [:: core :: prelude :: v1 :: test] # [doc (hidden)] fn __dtf_plain_needs_harness_false () { :: dtf :: __private :: wrong_harness (\"plain\") }"
+            ),
+            "{code}"
+        );
     }
 
     #[test]

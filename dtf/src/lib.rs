@@ -92,6 +92,17 @@ pub mod __private {
         }
     }
 
+    /// The body of the `#[test]` twin of every `#[dtf::test]`: it only exists, and runs, when a
+    /// target uses libtest's harness, which would otherwise ignore dtf's tests silently.
+    #[track_caller]
+    pub fn wrong_harness(test: &str) -> ! {
+        panic!(
+            "`{test}` is a #[dtf::test], but this target runs libtest's harness, which ignores dtf's \
+             tests. Set `harness = false` for the target in Cargo.toml (`[[test]]` with \
+             `harness = false`, or `harness = false` under `[lib]`) and end it with `dtf::main!();`"
+        )
+    }
+
     /// Runs an `async fn` test body on a fresh current-thread tokio runtime.
     pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         let runtime = tokio::runtime::Builder::new_current_thread()
