@@ -3,6 +3,8 @@
 //! Use this crate through `dtf`, which re-exports the attribute as `dtf::test`; the generated
 //! code refers to `::dtf`, so the crate that uses the attribute must depend on `dtf`.
 
+#![warn(missing_docs)]
+
 mod attr;
 mod parse;
 

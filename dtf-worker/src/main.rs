@@ -7,6 +7,8 @@
 //!
 //! See `docs/distributed.md` for the protocol and the security model.
 
+#![warn(missing_docs)]
+
 mod cache;
 mod fair;
 mod service;

@@ -17,6 +17,8 @@
 //!
 //! See the README for the isolation levels, the CLI and distributed mode.
 
+#![warn(missing_docs)]
+
 pub use dtf_macros::test;
 
 pub mod cli;
