@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use crate::outcome::{Attempt, Status, TestReport};
+use crate::outcome::{Attempt, Failure, Status, TestReport};
 use crate::plan::Plan;
 use crate::report::Reporters;
 use crate::sandbox::Sandbox;
@@ -44,6 +44,7 @@ pub async fn run_local(
     let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
     let mut scheduler = Scheduler::new(order, &retries);
     let mut running: JoinSet<(Job, Attempt)> = JoinSet::new();
+    let mut jobs: HashMap<tokio::task::Id, Job> = HashMap::new();
     let mut started_at: HashMap<usize, (Instant, bool)> = HashMap::new();
     let mut reports = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
@@ -62,17 +63,33 @@ pub async fn run_local(
             started_at.insert(job.test, (Instant::now(), false));
             let sandbox = sandbox.clone();
             let spec = test.spec.clone();
-            running.spawn(async move { (job, sandbox.run(&spec).await) });
+            let task = running.spawn(async move { (job, sandbox.run(&spec).await) });
+            jobs.insert(task.id(), job);
         }
         if scheduler.is_done() && running.is_empty() {
             break;
         }
         tokio::select! {
-            joined = running.join_next(), if !running.is_empty() => {
+            joined = running.join_next_with_id(), if !running.is_empty() => {
                 let Some(joined) = joined else { continue };
                 let (job, attempt) = match joined {
-                    Ok(done) => done,
-                    Err(e) => panic!("dtf: a test task failed: {e}"),
+                    Ok((id, done)) => {
+                        jobs.remove(&id);
+                        done
+                    }
+                    // A bug in dtf, not in the test: reported as such, and the run goes on.
+                    Err(e) => match jobs.remove(&e.id()) {
+                        Some(job) => (job, Attempt {
+                            failure: Some(Failure::System {
+                                message: format!("internal error while running the test: {e}"),
+                            }),
+                            duration: Duration::ZERO,
+                            output: Default::default(),
+                            worker: None,
+                            kept_tmp: None,
+                        }),
+                        None => continue,
+                    },
                 };
                 started_at.remove(&job.test);
                 if let Some(finished) = scheduler.record(job, attempt, false) {
