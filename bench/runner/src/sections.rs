@@ -208,42 +208,24 @@ pub fn local(b: &mut Bench) -> Result<(), String> {
 
     // Through cargo, both sides pay cargo's start-up and up-to-date check.
     let root = measure::workspace_root();
-    let nextest = time_median(reps, || {
-        let mut c = Command::new(measure::cargo());
-        c.current_dir(&root)
-            .args([
-                "nextest",
-                "run",
-                "--release",
-                "-p",
-                "dtf-bench-suites",
-                "--test",
-                "trivial",
-            ])
-            .env("RUST_BACKTRACE", "0");
-        c
-    })?;
+    let through_cargo = |subcommand: &[&str]| {
+        time_median(reps, || {
+            let mut c = Command::new(measure::cargo());
+            c.current_dir(&root)
+                .args(subcommand)
+                .args(["--release", "-p", "dtf-bench-suites", "--test", "trivial"])
+                .env("RUST_BACKTRACE", "0");
+            c
+        })
+    };
+    let nextest = through_cargo(&["nextest", "run"])?;
     b.row(
         "local",
         "(b) cargo nextest run over the dtf binary",
         per_test(nextest),
         nextest.as_secs_f64(),
     );
-    let dtf_cargo = time_median(reps, || {
-        let mut c = Command::new(measure::cargo());
-        c.current_dir(&root)
-            .args([
-                "test",
-                "--release",
-                "-q",
-                "-p",
-                "dtf-bench-suites",
-                "--test",
-                "trivial",
-            ])
-            .env("RUST_BACKTRACE", "0");
-        c
-    })?;
+    let dtf_cargo = through_cargo(&["test", "-q"])?;
     b.row(
         "local",
         "(c') cargo test with dtf `env`",
