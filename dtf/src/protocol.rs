@@ -13,9 +13,10 @@
 //! The MACs are BLAKE3 keyed hashes over both nonces, under a key derived from the shared
 //! token, compared in constant time: the token itself never crosses the wire. Only then does
 //! the tarpc transport start: length-delimited frames (at most [`MAX_FRAME`] bytes) holding
-//! postcard-encoded tarpc messages. On an authenticated connection each frame ends with a MAC
-//! under a per-connection key ([`Session`]) over its direction and sequence number, so nobody
-//! on the network path can inject, alter, replay or drop frames. Frames are not encrypted.
+//! postcard-encoded tarpc messages. On an authenticated connection each frame is sealed with
+//! ChaCha20-Poly1305 under a per-connection key ([`Session`]), its direction and sequence
+//! number as the nonce, so nobody on the network path can read, inject, alter, replay or drop
+//! frames.
 //!
 //! A version mismatch is detected in step 2 by both sides, and each names both versions.
 
@@ -28,6 +29,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -40,7 +42,7 @@ use crate::sandbox::RunSpec;
 
 /// The protocol version. Peers of different versions refuse each other with a message that
 /// names both.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The first bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"DTF\0WRKR";
@@ -312,12 +314,12 @@ pub trait Worker {
     async fn status() -> WorkerStatus;
 }
 
-/// The keys of an authenticated connection. Every frame after the handshake carries a MAC
-/// over its direction, its sequence number and its bytes, so frames cannot be forged, altered,
-/// replayed, reordered or dropped without the connection ending.
-#[derive(Clone)]
+/// The keys of an authenticated connection. Every frame after the handshake is encrypted and
+/// authenticated with ChaCha20-Poly1305 under a per-connection key, with its direction and
+/// sequence number as the nonce: nobody on the network path can read frames, nor forge, alter,
+/// replay, reorder or drop them without the connection ending.
 pub struct Session {
-    key: [u8; 32],
+    key: LessSafeKey,
     send: u8,
     recv: u8,
 }
@@ -330,6 +332,9 @@ impl fmt::Debug for Session {
 
 const FROM_COORDINATOR: u8 = b'c';
 const FROM_WORKER: u8 = b'w';
+
+/// Bytes a sealed frame adds (the Poly1305 tag).
+const TAG_LEN: usize = 16;
 
 impl Session {
     fn new(
@@ -347,24 +352,46 @@ impl Session {
         } else {
             (FROM_WORKER, FROM_COORDINATOR)
         };
+        let key = blake3::derive_key(SESSION_CONTEXT, &material);
+        // A 32-byte key is what ChaCha20-Poly1305 takes: this cannot fail.
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &key)
+            .unwrap_or_else(|_| unreachable!("a 32-byte ChaCha20-Poly1305 key"));
         Session {
-            key: blake3::derive_key(SESSION_CONTEXT, &material),
+            key: LessSafeKey::new(key),
             send,
             recv,
         }
     }
 
-    fn tag(&self, direction: u8, seq: u64, payload: &[u8]) -> blake3::Hash {
-        let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        hasher.update(&[direction]);
-        hasher.update(&seq.to_be_bytes());
-        hasher.update(payload);
-        hasher.finalize()
+    /// The nonce of frame `seq` in `direction`: unique for the connection's key.
+    fn nonce(direction: u8, seq: u64) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[0] = direction;
+        nonce[4..].copy_from_slice(&seq.to_be_bytes());
+        Nonce::assume_unique_for_key(nonce)
+    }
+
+    fn seal(&self, seq: u64, mut frame: Vec<u8>) -> Result<Vec<u8>, io::Error> {
+        self.key
+            .seal_in_place_append_tag(Self::nonce(self.send, seq), Aad::empty(), &mut frame)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "cannot encrypt a frame"))?;
+        Ok(frame)
+    }
+
+    fn open(&self, seq: u64, sealed: &[u8]) -> Option<Vec<u8>> {
+        let mut frame = sealed.to_vec();
+        let plain = self
+            .key
+            .open_in_place(Self::nonce(self.recv, seq), Aad::empty(), &mut frame)
+            .ok()?;
+        let len = plain.len();
+        frame.truncate(len);
+        Some(frame)
     }
 }
 
-/// A tokio-serde codec: postcard, plus a MAC on every frame when the connection is
-/// authenticated (see [`Session`]).
+/// A tokio-serde codec: postcard, encrypted and authenticated frame by frame when the
+/// connection is authenticated (see [`Session`]).
 pub struct Postcard<Item, SinkItem> {
     session: Option<Session>,
     sent: u64,
@@ -398,23 +425,22 @@ impl<Item: DeserializeOwned, SinkItem> tokio_serde::Deserializer<Item>
 
     fn deserialize(self: Pin<&mut Self>, src: &BytesMut) -> Result<Item, io::Error> {
         let this = self.get_mut();
+        let opened;
         let mut payload = &src[..];
         if let Some(session) = &this.session {
-            let Some(split) = payload.len().checked_sub(MAC_LEN) else {
+            if payload.len() < TAG_LEN {
                 return Err(malformed(
-                    "malformed frame: too short to hold its MAC".into(),
-                ));
-            };
-            let (body, mac) = payload.split_at(split);
-            // blake3::Hash compares in constant time.
-            if session.tag(session.recv, this.received, body) != *mac {
-                return Err(malformed(
-                    "malformed frame: its MAC does not match (forged, altered or out of sequence)"
-                        .into(),
+                    "malformed frame: too short to hold its authentication tag".into(),
                 ));
             }
+            opened = session.open(this.received, payload).ok_or_else(|| {
+                malformed(
+                    "malformed frame: it does not authenticate (forged, altered or out of sequence; the MAC check failed)"
+                        .into(),
+                )
+            })?;
             this.received += 1;
-            payload = body;
+            payload = &opened;
         }
         match postcard::take_from_bytes(payload) {
             Ok((item, [])) => Ok(item),
@@ -435,8 +461,7 @@ impl<Item, SinkItem: Serialize> tokio_serde::Serializer<SinkItem> for Postcard<I
         let mut bytes =
             postcard::to_stdvec(item).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if let Some(session) = &this.session {
-            let tag = session.tag(session.send, this.sent, &bytes);
-            bytes.extend_from_slice(tag.as_bytes());
+            bytes = session.seal(this.sent, bytes)?;
             this.sent += 1;
         }
         Ok(Bytes::from(bytes))
@@ -931,7 +956,7 @@ mod tests {
     }
 
     #[test]
-    fn frames_carry_macs_that_stop_forgery_and_replay() {
+    fn frames_are_encrypted_and_stop_forgery_and_replay() {
         use tokio_serde::{Deserializer, Serializer};
         let (c, s) = block_on(pair(Some("secret"), Some("secret")));
         let (c, s) = (c.unwrap(), s.unwrap());
@@ -941,6 +966,10 @@ mod tests {
         let first = Pin::new(&mut coordinator)
             .serialize(&"hello".to_owned())
             .unwrap();
+        assert!(
+            !first.windows(5).any(|w| w == b"hello"),
+            "frames are encrypted: {first:?}"
+        );
         let got = Pin::new(&mut worker).deserialize(&BytesMut::from(&first[..]));
         assert_eq!(got.unwrap(), "hello");
         // The same frame again is a replay.
