@@ -49,6 +49,18 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// An authenticated protocol connection to `w`, as a coordinator opens one.
+async fn connect(w: &Worker) -> protocol::Connection {
+    protocol::connect(
+        &w.addr,
+        Some(&token()),
+        Hello { run: "e2e".into() },
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("connect")
+}
+
 fn token() -> Token {
     Token::new(TOKEN, "test").expect("token")
 }
@@ -601,14 +613,7 @@ fn a_digest_mismatch_is_rejected_and_an_unknown_test_is_a_clear_error() {
     let binary = std::fs::read(fixture()).expect("fixture");
     runtime().block_on(async {
         let ctx = || protocol::context_within(Duration::from_secs(30));
-        let conn = protocol::connect(
-            &w.addr,
-            Some(&token()),
-            Hello { run: "e2e".into() },
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("connect");
+        let conn = connect(&w).await;
         let client = conn.client;
 
         // Bytes that do not hash to the announced digest: rejected, nothing cached.
@@ -898,14 +903,7 @@ fn a_cancelled_request_kills_its_test_and_the_connection_goes_on() {
     let out = tempfile::tempdir().expect("dir");
     runtime().block_on(async {
         let ctx = || protocol::context_within(Duration::from_secs(60));
-        let conn = protocol::connect(
-            &w.addr,
-            Some(&token()),
-            Hello { run: "e2e".into() },
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("connect");
+        let conn = connect(&w).await;
         let client = conn.client;
         let digest = upload_all(&client, &binary).await;
         let spec = dtf::sandbox::RunSpec {

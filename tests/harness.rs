@@ -452,46 +452,38 @@ fn exit_codes_follow_libtest() {
     assert!(help.stdout.contains("--test-threads"));
 }
 
-#[test]
-fn bad_command_lines_get_clear_errors() {
-    let run = fixture_run(&["--frobnicate"]);
-    assert_eq!(run.code, Some(101));
+/// Asserts that a run was refused before any test started, with `needle` in its error.
+fn assert_refused(run: &Run, needle: &str) {
+    assert_eq!(run.code, Some(101), "{}", run.dump());
     assert!(
-        run.stderr.contains("--frobnicate") && run.stderr.contains("Usage:"),
-        "{}",
-        run.dump()
-    );
-
-    let run = fixture_run(&["--test-threads", "0"]);
-    assert_eq!(run.code, Some(101));
-    assert!(
-        run.stderr.contains("--test-threads must be at least 1"),
-        "{}",
+        run.stderr.contains(needle),
+        "expected {needle:?}:\n{}",
         run.dump()
     );
     assert!(!run.stdout.contains("running"), "no test may start");
+}
 
+#[test]
+fn bad_command_lines_get_clear_errors() {
+    let run = fixture_run(&["--frobnicate"]);
+    assert_refused(&run, "--frobnicate");
+    assert_refused(&run, "Usage:");
+    assert_refused(
+        &fixture_run(&["--test-threads", "0"]),
+        "--test-threads must be at least 1",
+    );
     let run = run_bounded(
         dtf_command(&fixture()).env("RUST_TEST_THREADS", "many"),
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, Some(101));
-    assert!(run.stderr.contains("RUST_TEST_THREADS"), "{}", run.dump());
-
-    let run = fixture_run(&["--timeout", "5 parsecs"]);
-    assert_eq!(run.code, Some(101));
-    assert!(
-        run.stderr.contains("invalid duration `5 parsecs`"),
-        "{}",
-        run.dump()
+    assert_refused(&run, "RUST_TEST_THREADS");
+    assert_refused(
+        &fixture_run(&["--timeout", "5 parsecs"]),
+        "invalid duration `5 parsecs`",
     );
-
-    let run = fixture_run(&["--isolation", "total"]);
-    assert_eq!(run.code, Some(101));
-    assert!(
-        run.stderr.contains("unknown isolation level `total`"),
-        "{}",
-        run.dump()
+    assert_refused(
+        &fixture_run(&["--isolation", "total"]),
+        "unknown isolation level `total`",
     );
 }
 
