@@ -49,6 +49,21 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// Asks the worker behind `client` to run one test of the binary `digest` (30 s deadline).
+async fn run_on(
+    client: &protocol::WorkerClient,
+    digest: Digest,
+    spec: dtf::sandbox::RunSpec,
+) -> protocol::RunResponse {
+    client
+        .run(
+            protocol::context_within(Duration::from_secs(30)),
+            RunRequest { digest, spec },
+        )
+        .await
+        .expect("an answer")
+}
+
 /// An authenticated protocol connection to `w`, as a coordinator opens one.
 async fn connect(w: &Worker) -> protocol::Connection {
     protocol::connect(
@@ -652,16 +667,7 @@ fn a_digest_mismatch_is_rejected_and_an_unknown_test_is_a_clear_error() {
             cwd: None,
         };
         let digest = Digest::of(&binary);
-        let response = client
-            .run(
-                ctx(),
-                RunRequest {
-                    digest,
-                    spec: spec("pass_plain"),
-                },
-            )
-            .await
-            .expect("an answer");
+        let response = run_on(&client, digest, spec("pass_plain")).await;
         let failure = response.failure.expect("a failure");
         assert!(failure.is_system(), "{failure}");
         assert!(failure.to_string().contains("not in worker"), "{failure}");
@@ -672,32 +678,14 @@ fn a_digest_mismatch_is_rejected_and_an_unknown_test_is_a_clear_error() {
             vec![digest]
         );
         upload_all(&client, &binary).await;
-        let response = client
-            .run(
-                ctx(),
-                RunRequest {
-                    digest,
-                    spec: spec("no_such_test"),
-                },
-            )
-            .await
-            .expect("an answer");
+        let response = run_on(&client, digest, spec("no_such_test")).await;
         let failure = response.failure.expect("a failure");
         assert!(failure.is_system(), "{failure}");
         assert!(
             failure.to_string().contains("no test named `no_such_test`"),
             "{failure}"
         );
-        let response = client
-            .run(
-                ctx(),
-                RunRequest {
-                    digest,
-                    spec: spec("pass_plain"),
-                },
-            )
-            .await
-            .expect("an answer");
+        let response = run_on(&client, digest, spec("pass_plain")).await;
         assert_eq!(response.failure, None);
         assert!(!response.worker.is_empty());
     });

@@ -523,6 +523,19 @@ fn one_thread_announces_each_test_before_it_runs() {
     assert_eq!(run.result_of("pass_prints"), Some("ok"), "{}", run.dump());
 }
 
+/// Waits for `core_hold_with_grandchild` to record its pid and its grandchild's; returns both.
+fn held_pids(pid_file: &Path) -> Vec<i32> {
+    let started = eventually(Duration::from_secs(20), || {
+        std::fs::read_to_string(pid_file).is_ok_and(|s| s.split_whitespace().count() == 2)
+    });
+    assert!(started, "the test never started");
+    std::fs::read_to_string(pid_file)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
 #[test]
 fn a_killed_runner_takes_its_tests_and_their_children_with_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -535,15 +548,7 @@ fn a_killed_runner_takes_its_tests_and_their_children_with_it() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let started = eventually(Duration::from_secs(20), || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.split_whitespace().count() == 2)
-    });
-    assert!(started, "the test never started");
-    let pids = std::fs::read_to_string(&pid_file).unwrap();
-    let pids: Vec<i32> = pids
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let pids = held_pids(&pid_file);
     runner.kill().unwrap(); // SIGKILL: the runner gets no chance to clean up
     runner.wait().unwrap();
     for pid in pids {
@@ -566,15 +571,7 @@ fn ctrl_c_stops_the_run_kills_running_tests_and_reports_them_not_run() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = eventually(Duration::from_secs(20), || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.split_whitespace().count() == 2)
-    });
-    assert!(started, "the test never started");
-    let pids: Vec<i32> = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
+    let pids = held_pids(&pid_file);
     let interrupted = std::time::Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(runner.id() as i32),
