@@ -10,6 +10,7 @@ use dtf_e2e::*;
 const FILTER: &str = "test(/^(pass_|fail_(panic|segfault|exit_zero|result|abort)|nested|ignored)/)";
 
 fn nextest(args: &[&str]) -> Run {
+    tool("cargo-nextest");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
@@ -124,6 +125,7 @@ fn nextest_lists_what_dtf_lists() {
 
 #[test]
 fn the_hermetic_environment_holds_under_nextest() {
+    tool("cargo-nextest");
     let out = tempfile::tempdir().unwrap();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let run = run_bounded(

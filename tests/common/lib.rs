@@ -204,7 +204,9 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+mod tools;
 mod workers;
+pub use tools::tool;
 pub use workers::*;
 
 /// Live processes for which `keep(pid)` holds.
