@@ -351,6 +351,11 @@ fn the_hermetic_environment_has_only_the_allowlist_and_private_dirs() {
         "TZ",
         "TERM",
         "OUT_DIR",
+        "RUSTUP_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "LD_LIBRARY_PATH",
+        "DYLD_FALLBACK_LIBRARY_PATH",
+        "LLVM_PROFILE_FILE",
         "FIXTURE_OUT_DIR",
         "MYAPP_MODE",
     ];

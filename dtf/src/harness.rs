@@ -144,7 +144,10 @@ impl Config {
             (None, None) if args.shuffle => Order::Random(None),
             (None, None) => parse_env("DTF_ORDER", |s| s.parse())?.unwrap_or(Order::History),
         };
-        let cwd = PathBuf::from(package.manifest_dir);
+        // The package root: the run-time CARGO_MANIFEST_DIR when the binary was started with
+        // one (cargo sets it; nextest's `--workspace-remap` points it into an extracted
+        // archive), else the compile-time one.
+        let cwd = package_root(package);
         Ok(Config {
             slots,
             defaults: Defaults {
@@ -402,6 +405,15 @@ fn suite_name(exe: &std::path::Path) -> String {
         }
         _ => stem,
     }
+}
+
+/// The package root a run uses: the run-time `CARGO_MANIFEST_DIR` when set and a directory,
+/// else the compile-time one.
+pub(crate) fn package_root(package: Package) -> PathBuf {
+    env_var("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(|| PathBuf::from(package.manifest_dir))
 }
 
 /// A non-empty environment variable.

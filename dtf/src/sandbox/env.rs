@@ -7,6 +7,13 @@ use crate::registry::Isolation;
 pub const ALLOWED: &[&str] = &[
     "PATH",
     "OUT_DIR",
+    // What `cargo test` gives a test to run cargo and rustc and to load libraries.
+    "RUSTUP_HOME",
+    "RUSTUP_TOOLCHAIN",
+    "LD_LIBRARY_PATH",
+    "DYLD_FALLBACK_LIBRARY_PATH",
+    // Coverage profiles (`cargo llvm-cov`).
+    "LLVM_PROFILE_FILE",
     "RUST_BACKTRACE",
     "RUST_LIB_BACKTRACE",
     "RUST_LOG",
@@ -72,6 +79,34 @@ pub fn test_environment<'a>(
     vars
 }
 
+/// Adds `RUSTUP_HOME` and `CARGO_HOME` to a test's environment when it lacks them, derived
+/// the way rustup and cargo derive them from `HOME` (`~/.rustup`, `~/.cargo`). The test's own
+/// `HOME` is private, so without this a test that runs `cargo` would look for the toolchain in
+/// its empty home. `runner` reads the variables of the process that runs the test (the local
+/// parent, or the worker), whose `HOME` is the real one: on a worker the toolchain is the
+/// worker's.
+pub fn add_toolchain_homes(
+    vars: &mut Vec<(String, String)>,
+    runner: impl Fn(&str) -> Option<String>,
+) {
+    let home = runner("HOME").filter(|h| !h.is_empty());
+    for (name, default) in [("RUSTUP_HOME", ".rustup"), ("CARGO_HOME", ".cargo")] {
+        if let Some(pos) = vars.iter().position(|(n, _)| n == name) {
+            if std::path::Path::new(&vars[pos].1).is_dir() {
+                continue;
+            }
+            vars.remove(pos);
+        }
+        let value = runner(name).filter(|v| !v.is_empty()).or_else(|| {
+            home.as_ref()
+                .map(|h| format!("{}/{default}", h.trim_end_matches('/')))
+        });
+        if let Some(value) = value {
+            vars.push((name.to_owned(), value));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +142,36 @@ mod tests {
         let got = test_environment(Isolation::Env, parent, &pass, [("FOO", "bar")]);
         let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["PATH", "CARGO_PKG_NAME", "LC_ALL", "MY_A", "FOO"]);
+    }
+
+    #[test]
+    fn toolchain_homes_come_from_the_runners_home_unless_set() {
+        let mut got = vars(&[("PATH", "/bin")]);
+        add_toolchain_homes(&mut got, |n| {
+            (n == "HOME").then(|| "/home/alice/".to_owned())
+        });
+        assert_eq!(
+            got,
+            vars(&[
+                ("PATH", "/bin"),
+                ("RUSTUP_HOME", "/home/alice/.rustup"),
+                ("CARGO_HOME", "/home/alice/.cargo")
+            ])
+        );
+        // Set by the user (or passed on): kept. Set in the runner's environment: used.
+        let mut got = vars(&[("CARGO_HOME", "/"), ("RUSTUP_HOME", "/nonexistent-dtf")]);
+        add_toolchain_homes(&mut got, |n| match n {
+            "RUSTUP_HOME" => Some("/opt/rustup".to_owned()),
+            "HOME" => Some("/root".to_owned()),
+            _ => None,
+        });
+        assert_eq!(
+            got,
+            vars(&[("CARGO_HOME", "/"), ("RUSTUP_HOME", "/opt/rustup")])
+        );
+        let mut got = Vec::new();
+        add_toolchain_homes(&mut got, |_| None);
+        assert!(got.is_empty());
     }
 
     #[test]

@@ -139,9 +139,13 @@ impl Sandbox {
         let child_spec = serde_json::to_string(&child_spec).map_err(|e| e.to_string())?;
         let (result_read, result_write) = result_pipe()?;
 
+        let mut vars = spec.env.clone();
+        if isolated {
+            env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
+        }
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .envs(vars.iter().map(|(k, v)| (k, v)))
             .env(CHILD_VAR, child_spec)
             .stdin(Stdio::from(result_write))
             .process_group(0)
