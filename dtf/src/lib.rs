@@ -26,6 +26,7 @@ pub mod coordinator;
 pub mod errors;
 mod harness;
 pub mod history;
+pub mod inputs;
 pub mod order;
 pub mod outcome;
 pub mod plan;

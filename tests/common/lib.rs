@@ -160,7 +160,7 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Run {
 }
 
 /// A command for a dtf test binary with a predictable environment: no inherited `DTF_*`,
-/// `RUST_TEST_*` or `NEXTEST_*` variables and no backtraces (they only slow panicking tests).
+/// `RUST_TEST_*` or `NEXTEST_*` variables, no `CARGO_MANIFEST_DIR`, and no backtraces (they only slow panicking tests).
 pub fn dtf_command(binary: &Path) -> Command {
     let mut cmd = Command::new(binary);
     for (name, _) in std::env::vars() {
@@ -169,6 +169,9 @@ pub fn dtf_command(binary: &Path) -> Command {
             cmd.env_remove(name);
         }
     }
+    // This process's own package root is not the binary's: cargo would set the binary's, and a
+    // run-time CARGO_MANIFEST_DIR wins over the compiled-in one.
+    cmd.env_remove("CARGO_MANIFEST_DIR");
     cmd.env("RUST_BACKTRACE", "0");
     cmd
 }
