@@ -242,16 +242,40 @@ fn full_works_the_same_through_dtf_worker() {
 }
 
 #[test]
-fn a_daemon_outlives_its_test_at_level_env() {
-    // The contrast that shows the daemon check above can see a survivor.
+fn a_daemon_is_caught_and_reported_at_level_env() {
+    // At level `env` the daemon escapes the test's process group (it would outlive the test):
+    // the per-test process, its subreaper, kills it and reports the leak. `iso_daemon` waits
+    // until the daemon runs, so the check above would have seen it.
     let meet = meeting_dir();
     let token = token();
     let _reaper = DaemonReaper(token.clone());
-    let (mut cmd, _) = fixture_command(User::Invoker, meet.path(), &token);
-    cmd.args(["--isolation", "env", "--exact", "iso_daemon"]);
-    let run = run_bounded(&mut cmd, Duration::from_secs(60));
-    assert_eq!(run.code, Some(0), "{}", run.dump());
-    assert_eq!(daemons(&token).len(), 1, "{}", run.dump());
+    let reports = tempfile::tempdir().expect("a temporary directory");
+    let junit = reports.path().join("junit.xml");
+    for spawn in ["fork", "exec"] {
+        let (mut cmd, _) = fixture_command(User::Invoker, meet.path(), &token);
+        cmd.env("DTF_SPAWN", spawn)
+            .args(["--isolation", "env", "--exact", "iso_daemon", "--junit"])
+            .arg(&junit);
+        let run = run_bounded(&mut cmd, Duration::from_secs(60));
+        assert_eq!(run.code, Some(0), "{spawn}: {}", run.dump());
+        assert_eq!(
+            run.result_of("iso_daemon"),
+            Some("ok (leaked 1 process: sleep)"),
+            "{spawn}: {}",
+            run.dump()
+        );
+        assert_eq!(
+            daemons(&token),
+            Vec::<i32>::new(),
+            "{spawn}: {}",
+            run.dump()
+        );
+        let xml = std::fs::read_to_string(&junit).expect("the JUnit report");
+        assert!(
+            xml.contains(r#"<property name="dtf.leaked" value="leaked 1 process: sleep"/>"#),
+            "{xml}"
+        );
+    }
 }
 
 #[test]

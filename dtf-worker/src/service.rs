@@ -214,6 +214,7 @@ fn system_failure(shared: &Shared, message: String) -> RunResponse {
         failure: Some(Failure::System { message }),
         duration: Duration::ZERO,
         output: Default::default(),
+        leaked: Vec::new(),
         worker: shared.name.clone(),
     }
 }
@@ -306,6 +307,7 @@ impl Worker for Conn {
             failure: attempt.failure,
             duration: attempt.duration,
             output: attempt.output,
+            leaked: attempt.leaked,
             worker: shared.name.clone(),
         }
     }

@@ -158,6 +158,10 @@ pub struct Args {
     /// Count flaky tests as failures for the exit code.
     #[arg(long)]
     pub flaky_fails: bool,
+    /// A test that leaves processes running outside its process group fails (otherwise the
+    /// leak is reported and the test passes).
+    #[arg(long)]
+    pub leak_fails: bool,
     /// Test order: history (default), name, random or random:SEED (DTF_ORDER).
     #[arg(long, value_name = "ORDER")]
     pub order: Option<Order>,

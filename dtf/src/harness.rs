@@ -15,7 +15,7 @@ use crate::history::{self, History};
 use crate::order::{self, Rule};
 use crate::outcome::{Status, TestReport};
 use crate::plan::{Defaults, Plan, Selected, Selection};
-use crate::registry::{Isolation, Registry};
+use crate::registry::{Isolation, Registry, Spawn};
 use crate::report::json::Json;
 use crate::report::junit::{self, Junit};
 use crate::report::progress::{self, Progress, Terminal};
@@ -26,6 +26,18 @@ use crate::sandbox::{Sandbox, child, env, namespaces};
 
 /// libtest's exit code for a failed run.
 pub const EXIT_FAILED: i32 = 101;
+
+/// `DTF_SPAWN=fork|exec`: how per-test processes start.
+pub const SPAWN_VAR: &str = "DTF_SPAWN";
+
+/// Fork where there is a fork server (Linux); exec elsewhere.
+fn default_spawn() -> Spawn {
+    if cfg!(target_os = "linux") {
+        Spawn::Fork
+    } else {
+        Spawn::Exec
+    }
+}
 
 /// Runs the binary's role to the end.
 pub fn run(package: Package) -> ! {
@@ -148,6 +160,7 @@ impl Config {
         // one (cargo sets it; nextest's `--workspace-remap` points it into an extracted
         // archive), else the compile-time one.
         let cwd = package_root(package);
+        let spawn = parse_env(SPAWN_VAR, |s| s.parse())?.unwrap_or_else(default_spawn);
         Ok(Config {
             slots,
             defaults: Defaults {
@@ -162,6 +175,8 @@ impl Config {
                 pass_env: env_var(env::PASS_ENV_VAR)
                     .map(|v| env::parse_pass_env(&v))
                     .unwrap_or_default(),
+                leak_fails: args.leak_fails,
+                spawn,
             },
             keep_tmp: env_var("DTF_KEEP_TMP").is_some_and(|v| v != "0"),
             slow: args.slow.unwrap_or(Duration::from_secs(60)),

@@ -37,7 +37,7 @@ pub mod runner;
 pub mod sandbox;
 pub mod scheduler;
 
-pub use registry::{Isolation, ShouldPanic, TestDef};
+pub use registry::{Isolation, ShouldPanic, Spawn, TestDef};
 
 /// Generates the `main` function of a dtf test binary.
 ///
@@ -58,7 +58,7 @@ macro_rules! main {
 /// Items used by the code that `#[dtf::test]` and `dtf::main!()` generate. Not a stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::registry::{Isolation, ShouldPanic, TestDef};
+    pub use crate::registry::{Isolation, ShouldPanic, Spawn, TestDef};
     pub use inventory;
 
     /// Facts about the package that holds the test binary, captured at its compile time.

@@ -55,6 +55,12 @@ pub enum Failure {
         /// How many workers were lost while running it.
         times: u32,
     },
+    /// The test passed but left processes running outside its process group, and leaks fail
+    /// (`--leak-fails`).
+    Leaked {
+        /// The names of the processes, as [`leak_note`] lists them.
+        processes: Vec<String>,
+    },
     /// The test could not be run at all (sandbox set-up failed, binary missing, ...).
     System {
         /// What went wrong.
@@ -102,9 +108,32 @@ impl fmt::Display for Failure {
                 f,
                 "the worker running it was lost {times} times; giving up on this test"
             ),
+            Failure::Leaked { processes } => f.write_str(&leak_note(processes)),
             Failure::System { message } => write!(f, "could not run the test: {message}"),
         }
     }
+}
+
+/// How a report names leaked processes: `leaked 1 process: sleep`, `leaked 2 processes: sh,
+/// sleep`. The names come from the test's processes: control characters are escaped.
+pub fn leak_note(processes: &[String]) -> String {
+    let count = processes.len();
+    let noun = if count == 1 { "process" } else { "processes" };
+    let names: Vec<String> = processes.iter().map(|p| escape_control(p)).collect();
+    format!("leaked {count} {noun}: {}", names.join(", "))
+}
+
+/// `text` with control characters shown as escapes (`\n`, `\u{1b}`).
+pub fn escape_control(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The name of a signal number, e.g. `SIGSEGV` for 11.
@@ -238,6 +267,9 @@ pub struct Attempt {
     pub worker: Option<String>,
     /// Where the test's temporary directory was kept, when it was (`DTF_KEEP_TMP=1`).
     pub kept_tmp: Option<String>,
+    /// The processes the test left running outside its process group (killed when it ended).
+    #[serde(default)]
+    pub leaked: Vec<String>,
 }
 
 impl Attempt {
@@ -282,6 +314,14 @@ impl TestReport {
     /// The last attempt, which decided the status.
     pub fn last(&self) -> Option<&Attempt> {
         self.attempts.last()
+    }
+
+    /// The processes every attempt left running outside its process group, in order.
+    pub fn leaked(&self) -> Vec<String> {
+        self.attempts
+            .iter()
+            .flat_map(|a| a.leaked.iter().cloned())
+            .collect()
     }
 
     /// Total time over all attempts.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::registry::{Isolation, Registry, ShouldPanic, Test, TestDef};
+use crate::registry::{Isolation, Registry, ShouldPanic, Spawn, Test, TestDef};
 use crate::sandbox::RunSpec;
 use crate::sandbox::env::test_environment;
 
@@ -102,6 +102,10 @@ pub struct Defaults {
     pub parent_env: Vec<(String, String)>,
     /// `DTF_PASS_ENV` patterns.
     pub pass_env: Vec<String>,
+    /// `--leak-fails`: a test that leaks processes fails.
+    pub leak_fails: bool,
+    /// `DTF_SPAWN`: how per-test processes start (tests with `spawn = "exec"` always exec).
+    pub spawn: Spawn,
 }
 
 /// A test to run, with everything its process needs.
@@ -169,6 +173,8 @@ fn plan_one(test: &Test, defaults: &Defaults) -> PlannedTest {
             memory: def.memory.or(defaults.memory),
             capture: defaults.capture,
             cwd: defaults.cwd.clone(),
+            leak_fails: defaults.leak_fails,
+            spawn: def.spawn.unwrap_or(defaults.spawn),
         },
         retries: def.retries.unwrap_or(defaults.retries),
     }

@@ -42,7 +42,7 @@ use crate::sandbox::RunSpec;
 
 /// The protocol version. Peers of different versions refuse each other with a message that
 /// names both.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"DTF\0WRKR";
@@ -211,6 +211,8 @@ pub struct RunResponse {
     pub duration: Duration,
     /// Captured stdout and stderr, capped (the cap's note says how much was cut).
     pub output: Output,
+    /// The processes the test left running outside its process group (killed).
+    pub leaked: Vec<String>,
     /// The worker's name.
     pub worker: String,
 }
@@ -224,6 +226,7 @@ impl RunResponse {
             output: self.output,
             worker: Some(worker),
             kept_tmp: None,
+            leaked: self.leaked,
         }
     }
 }
@@ -1106,6 +1109,7 @@ mod tests {
             failure: Some(Failure::Signaled { signal: 9 }),
             duration: Duration::from_millis(5),
             output: Output::default(),
+            leaked: vec!["sleep".into()],
             worker: "w".into(),
         };
         let bytes = postcard::to_stdvec(&response).unwrap();

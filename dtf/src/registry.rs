@@ -63,6 +63,40 @@ impl std::fmt::Display for Isolation {
     }
 }
 
+/// How a test's per-test process is started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Spawn {
+    /// Forked from the run's fork server, a copy of the test binary that has started once
+    /// (the default on Linux).
+    #[default]
+    Fork,
+    /// A fresh exec of the test binary (`DTF_SPAWN=exec`, `#[dtf::test(spawn = "exec")]`).
+    Exec,
+}
+
+impl Spawn {
+    /// The spelling of `DTF_SPAWN` and of the attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spawn::Fork => "fork",
+            Spawn::Exec => "exec",
+        }
+    }
+}
+
+impl std::str::FromStr for Spawn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fork" => Ok(Spawn::Fork),
+            "exec" => Ok(Spawn::Exec),
+            _ => Err(format!("unknown spawn mode `{s}`: expected fork or exec")),
+        }
+    }
+}
+
 /// What `#[should_panic]` asks of a test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShouldPanic {
@@ -100,6 +134,8 @@ pub struct TestDef {
     pub retries: Option<u32>,
     /// `memory = "512MiB"`, in bytes.
     pub memory: Option<u64>,
+    /// `spawn = "exec"`.
+    pub spawn: Option<Spawn>,
     /// The source file of the test.
     pub file: &'static str,
     /// The line of the test function.
@@ -124,6 +160,7 @@ impl TestDef {
         isolation: None,
         retries: None,
         memory: None,
+        spawn: None,
         file: "",
         line: 0,
     };

@@ -87,6 +87,7 @@ pub async fn run_local(
                             output: Default::default(),
                             worker: None,
                             kept_tmp: None,
+                            leaked: Vec::new(),
                         }),
                         None => continue,
                     },

@@ -138,6 +138,7 @@ impl Scheduler {
                 output: Default::default(),
                 worker: None,
                 kept_tmp: None,
+                leaked: Vec::new(),
             });
             return Some(self.finish(job.test, Status::Failed));
         }
@@ -200,6 +201,7 @@ mod tests {
             output: Default::default(),
             worker: None,
             kept_tmp: None,
+            leaked: Vec::new(),
         }
     }
 

@@ -600,6 +600,7 @@ impl<'a> Dispatcher<'a> {
                                 output: Default::default(),
                                 worker: Some(self.remotes[i].label.clone()),
                                 kept_tmp: None,
+                                leaked: Vec::new(),
                             },
                             RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_) => {
                                 // The connection is gone: the worker is lost, and with it this
@@ -830,6 +831,8 @@ mod tests {
             memory: None,
             capture: true,
             cwd: None,
+            leak_fails: false,
+            spawn: Default::default(),
         };
         assert_eq!(
             remote_spec(&spec).env,

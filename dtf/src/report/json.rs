@@ -11,7 +11,9 @@
 //! - a test that never ran because the run stopped early (`--fail-fast`, an interrupt) is
 //!   `ignored` with a `message` and `"dtf": { "not_run": true }`, and counts as ignored in the
 //!   final suite event, so `passed + failed + ignored` is still `test_count`;
-//! - a test that ran on a remote worker has `"dtf": { "worker": "host:port" }`.
+//! - a test that ran on a remote worker has `"dtf": { "worker": "host:port" }`;
+//! - a test that left processes running outside its process group has
+//!   `"dtf": { "leaked": ["sleep"] }` (the names of those processes, which were killed).
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -155,6 +157,10 @@ impl Reporter for Json {
                 if report.status == Status::Flaky {
                     dtf.insert("flaky".into(), true.into());
                 }
+                let leaked = report.leaked();
+                if !leaked.is_empty() {
+                    dtf.insert("leaked".into(), leaked.into());
+                }
                 if report.attempts.len() > 1 {
                     let attempts = report.attempts.iter().map(attempt_json).collect();
                     dtf.insert("attempts".into(), Value::Array(attempts));
@@ -213,6 +219,7 @@ mod tests {
             output,
             worker: None,
             kept_tmp: None,
+            leaked: Vec::new(),
         }
     }
 
@@ -280,5 +287,20 @@ mod tests {
         assert_eq!(v[5]["event"], "failed");
         assert_eq!(v[5]["passed"], 1);
         assert_eq!(v[5]["ignored"], 1);
+    }
+
+    #[test]
+    fn leaked_processes_are_named_under_dtf() {
+        let mut leaky = attempt(None, b"");
+        leaky.leaked = vec!["sleep".into()];
+        let report = TestReport {
+            name: "l".into(),
+            status: Status::Passed,
+            attempts: vec![leaky],
+            rerun_after_lost_worker: false,
+        };
+        let v = lines(&[report]);
+        assert_eq!(v[2]["event"], "ok");
+        assert_eq!(v[2]["dtf"]["leaked"], json!(["sleep"]));
     }
 }

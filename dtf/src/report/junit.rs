@@ -140,6 +140,10 @@ impl Junit {
             if report.rerun_after_lost_worker {
                 props.push(("dtf.rerun_after_lost_worker", "true".to_owned()));
             }
+            let leaked = report.leaked();
+            if !leaked.is_empty() {
+                props.push(("dtf.leaked", crate::outcome::leak_note(&leaked)));
+            }
             properties(w, &props)?;
         }
 
@@ -249,6 +253,7 @@ fn failure_type(failure: &Failure) -> &'static str {
         Failure::TimedOut { .. } => "timed-out",
         Failure::MemoryLimit { .. } => "memory-limit",
         Failure::WorkerLost { .. } => "worker-lost",
+        Failure::Leaked { .. } => "leaked",
         Failure::System { .. } => "system",
     }
 }

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use super::{Reporter, RunInfo, Summary};
-use crate::outcome::{Attempt, Status, TestReport};
+use crate::outcome::{Attempt, Failure, Status, TestReport, leak_note};
 
 /// Tests per line in terse output, as libtest.
 const TERSE_COLUMNS: usize = 88;
@@ -53,29 +53,37 @@ impl Pretty {
         }
     }
 
+    /// The status word with its notes: `ok (FLAKY: passed on attempt 2; leaked 1 process:
+    /// sleep)`.
     fn word(&self, report: &TestReport) -> Option<String> {
         let word = self.status_word(report)?;
-        Some(if report.rerun_after_lost_worker {
-            format!(
-                "{word} ({})",
-                self.paint("rerun after a lost worker", YELLOW)
-            )
-        } else {
+        let mut notes = Vec::new();
+        if report.status == Status::Flaky {
+            notes.push(format!(
+                "FLAKY: passed on attempt {}",
+                report.attempts.len()
+            ));
+        }
+        if report.rerun_after_lost_worker {
+            notes.push("rerun after a lost worker".to_owned());
+        }
+        let leaked = report.leaked();
+        let leak_failed = report
+            .last()
+            .is_some_and(|a| matches!(a.failure, Some(Failure::Leaked { .. })));
+        if !leaked.is_empty() && !leak_failed {
+            notes.push(leak_note(&leaked));
+        }
+        Some(if notes.is_empty() {
             word
+        } else {
+            format!("{word} ({})", self.paint(&notes.join("; "), YELLOW))
         })
     }
 
     fn status_word(&self, report: &TestReport) -> Option<String> {
         Some(match &report.status {
-            Status::Passed => self.paint("ok", GREEN),
-            Status::Flaky => format!(
-                "{} ({})",
-                self.paint("ok", GREEN),
-                self.paint(
-                    &format!("FLAKY: passed on attempt {}", report.attempts.len()),
-                    YELLOW
-                )
-            ),
+            Status::Passed | Status::Flaky => self.paint("ok", GREEN),
             Status::Failed => self.paint("FAILED", RED),
             Status::Ignored { reason: None } => self.paint("ignored", YELLOW),
             Status::Ignored {
@@ -258,5 +266,65 @@ impl Reporter for Pretty {
         }
         writeln!(self.out)?;
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Failure;
+    use crate::report::SharedBuf;
+
+    fn attempt(failure: Option<Failure>, leaked: &[&str]) -> Attempt {
+        Attempt {
+            failure,
+            duration: Duration::from_millis(3),
+            output: Default::default(),
+            worker: None,
+            kept_tmp: None,
+            leaked: leaked.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn line_of(report: TestReport) -> String {
+        let buf = SharedBuf::default();
+        let mut pretty = Pretty::new(Box::new(buf.clone()), false, false, false);
+        pretty.test_finished(&report).unwrap();
+        let bytes = buf.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn leaks_are_a_note_combined_with_the_others() {
+        let leaked = TestReport {
+            name: "t".into(),
+            status: Status::Passed,
+            attempts: vec![attempt(None, &["sleep"])],
+            rerun_after_lost_worker: false,
+        };
+        assert_eq!(line_of(leaked), "test t ... ok (leaked 1 process: sleep)\n");
+        let flaky = TestReport {
+            name: "t".into(),
+            status: Status::Flaky,
+            attempts: vec![
+                attempt(Some(Failure::Signaled { signal: 9 }), &[]),
+                attempt(None, &["sleep"]),
+            ],
+            rerun_after_lost_worker: false,
+        };
+        assert_eq!(
+            line_of(flaky),
+            "test t ... ok (FLAKY: passed on attempt 2; leaked 1 process: sleep)\n"
+        );
+        let two = TestReport {
+            name: "t".into(),
+            status: Status::Passed,
+            attempts: vec![attempt(None, &["sh", "sleep\n"])],
+            rerun_after_lost_worker: false,
+        };
+        assert_eq!(
+            line_of(two),
+            "test t ... ok (leaked 2 processes: sh, sleep\\n)\n"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The child role: runs inside the re-executed test binary, establishes the isolation level,
-//! runs exactly one test in-process and reports the outcome over the result pipe.
+//! The child role: the re-executed test binary becomes the test's per-test process (see
+//! [`pertest`]), and the test process it starts runs exactly one test in-process and reports
+//! the outcome over the result pipe.
 
 use std::any::Any;
 use std::fs::File;
@@ -7,9 +8,9 @@ use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use super::{CHILD_VAR, ChildReport, ChildSpec, namespaces};
+use super::{CHILD_VAR, ChildReport, ChildSpec, Exec, Record, pertest};
 use crate::outcome::Failure;
-use crate::registry::{Isolation, Registry, ShouldPanic, TestDef};
+use crate::registry::{Registry, ShouldPanic, TestDef};
 
 /// The longest failure message sent to the parent (the report must fit in the pipe's buffer).
 const MAX_MESSAGE: usize = 16 * 1024;
@@ -28,103 +29,72 @@ pub fn take_spec() -> Option<Result<ChildSpec, String>> {
     )
 }
 
-/// Runs the child role to the end: never returns.
+/// Runs the child role of an exec'd test binary to the end: this process is the test's
+/// per-test process (see [`pertest`]). Never returns.
 pub fn run(spec: Result<ChildSpec, String>) -> ! {
-    let mut report_to = take_result_channel();
-    let failure = match spec {
-        Ok(spec) => match prepare(&spec) {
-            Ok(()) => match Registry::find(&spec.test) {
-                Some(def) => run_test(&spec.test, def),
-                None => Some(Failure::System {
-                    message: format!(
-                        "no test named `{}` in this binary (was it built from other sources?)",
-                        spec.test
-                    ),
-                }),
-            },
-            Err(message) => Some(Failure::System { message }),
+    let mut report = take_result_channel();
+    match spec {
+        Ok(spec) => pertest::run(spec, report),
+        Err(message) => {
+            let failure = Some(Failure::System { message });
+            pertest::write_record(&mut report, &Record::Outcome(ChildReport { failure }));
+            std::process::exit(0)
+        }
+    }
+}
+
+/// The test process: runs the test the spec names (or execs its program) and writes the
+/// outcome to `report`. Never returns.
+pub fn run_test_process(spec: &ChildSpec, mut report: File) -> ! {
+    let failure = match &spec.exec {
+        Some(exec) => Some(Failure::System {
+            message: exec_program(exec),
+        }),
+        None => match Registry::find(&spec.test) {
+            Some(def) => run_test(&spec.test, def),
+            None => Some(Failure::System {
+                message: format!(
+                    "no test named `{}` in this binary (was it built from other sources?)",
+                    spec.test
+                ),
+            }),
         },
-        Err(message) => Some(Failure::System { message }),
     };
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    if let Some(out) = report_to.as_mut() {
-        let report = ChildReport { failure };
-        if let Ok(json) = serde_json::to_vec(&report) {
-            let _ = out.write_all(&json);
-        }
-    }
+    pertest::write_record(&mut report, &Record::Outcome(ChildReport { failure }));
     std::process::exit(0)
 }
 
+/// Replaces this process with `exec`'s program; returns only why that failed.
+fn exec_program(exec: &Exec) -> String {
+    use std::os::unix::process::CommandExt;
+    let error = std::process::Command::new(&exec.program)
+        .args(&exec.args)
+        .exec();
+    format!("cannot run {}: {error}", exec.program.display())
+}
+
 /// Moves the result pipe off stdin (to a close-on-exec descriptor, so the test's own child
-/// processes never inherit it) and puts `/dev/null` on stdin.
-fn take_result_channel() -> Option<File> {
+/// processes never inherit it) and puts `/dev/null` on stdin. Without a pipe on stdin the
+/// outcome goes nowhere (the parent then explains the exit).
+fn take_result_channel() -> File {
     let stdin = std::io::stdin();
-    let fd: OwnedFd = stdin.as_fd().try_clone_to_owned().ok()?;
+    let fd: Option<OwnedFd> = stdin.as_fd().try_clone_to_owned().ok();
     if let Ok(null) = File::open("/dev/null") {
         // SAFETY: fd 0 is replaced atomically by dup2; `null` stays a valid open file until
         // dropped.
         let mut zero = unsafe { OwnedFd::from_raw_fd(0) };
         let _ = nix::unistd::dup2(&null, &mut zero);
         std::mem::forget(zero); // fd 0 stays open: it is the process's stdin
-    }
-    Some(File::from(fd))
-}
-
-/// Establishes what the spec asks before the test runs: a memory limit and namespaces.
-///
-/// The limit comes first: forked processes inherit it, and at level `full` it also sizes the
-/// test's `/tmp`. At level `full` this process becomes the relay of a new PID namespace and
-/// only the forked test process returns here (see [`namespaces`]).
-fn prepare(spec: &ChildSpec) -> Result<(), String> {
-    if let Some(parent) = spec.parent {
-        die_with_parent(parent)?;
-    }
-    if let Some(limit) = spec.memory {
-        use nix::sys::resource::{Resource, setrlimit};
-        setrlimit(Resource::RLIMIT_DATA, limit, limit)
-            .map_err(|e| format!("cannot set the memory limit: {e}"))?;
-    }
-    if spec.isolation == Isolation::Full {
-        namespaces::enter_in_child()?;
-    }
-    Ok(())
-}
-
-/// Makes the test's whole process group die with the process that started it, so a runner,
-/// worker or cargo-nextest killed with SIGKILL leaves no test (nor anything the test started)
-/// running. The parent-death signal is a real-time signal whose handler kills the group: tests
-/// do not use it, and a handler runs even while the test's own code blocks.
-fn die_with_parent(parent: u32) -> Result<(), String> {
-    extern "C" fn kill_group(_: nix::libc::c_int) {
-        // SAFETY: killpg is async-signal-safe; group 0 is this process's own group.
-        unsafe {
-            nix::libc::killpg(0, nix::libc::SIGKILL);
+        if fd.is_none() {
+            return null;
         }
     }
-    let signal = nix::libc::SIGRTMAX();
-    // SAFETY: installs a handler that only calls an async-signal-safe function; the process is
-    // still single-threaded here.
-    let installed = unsafe {
-        let mut action: nix::libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = kill_group as *const () as usize;
-        nix::libc::sigemptyset(&mut action.sa_mask);
-        nix::libc::sigaction(signal, &action, std::ptr::null_mut())
-    };
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this process.
-    let set =
-        unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, signal as nix::libc::c_ulong) };
-    if installed != 0 || set != 0 {
-        return Err(format!(
-            "cannot arrange for the test to die with its runner: {}",
-            std::io::Error::last_os_error()
-        ));
+    match fd {
+        Some(fd) => File::from(fd),
+        None => std::process::exit(0),
     }
-    if nix::unistd::getppid().as_raw() as u32 != parent {
-        return Err("the process that started this test is gone".to_owned());
-    }
-    Ok(())
 }
 
 /// Runs the test body on a thread named after the test (as libtest does, so panic messages

@@ -1,15 +1,20 @@
 //! The sandbox: builds and runs one isolated child process for one test, and the child-side
 //! code that runs inside it. Local runs and `dtf-worker` both use this module.
 //!
-//! The parent re-executes the test binary with the variable [`CHILD_VAR`] describing the test.
-//! The child's stdin is the write end of a pipe: the child moves it to a close-on-exec
-//! descriptor, replaces stdin with `/dev/null`, runs the test and writes one [`ChildReport`]
-//! there. Whatever the test prints cannot forge that report. The child leads its own process
-//! group, so a timeout or a cancelled run kills every process the test started.
+//! Every test goes through one pipeline (drawn in [`pertest`]): a spawner starts the test's
+//! per-test process, which runs its stages (subreaper, limits, namespaces, ...) and starts
+//! the test process. The spawner re-executes the test binary with the variable
+//! [`CHILD_VAR`] describing the test. The per-test process's stdin is the write end of a
+//! pipe: it moves it to a close-on-exec descriptor and replaces stdin with `/dev/null`; the
+//! test process writes its outcome there as a [`Record::Outcome`], and the per-test process
+//! adds a [`Record::Relay`] with what the test leaked. Whatever the test prints cannot forge
+//! those records. The per-test process leads its own process group, so a timeout or a
+//! cancelled run kills every process the test started.
 
 pub mod child;
 pub mod env;
 pub mod namespaces;
+pub mod pertest;
 pub mod rundir;
 
 use std::io::Read;
@@ -25,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::outcome::{Attempt, Failure, Output, Stream};
-use crate::registry::Isolation;
+use crate::registry::{Isolation, Spawn};
 
 /// The variable that puts a re-executed test binary in the child role. It holds a
 /// JSON-encoded [`ChildSpec`] and is removed from the environment before the test runs.
@@ -50,13 +55,44 @@ pub struct ChildSpec {
     /// The pid of the process that started the child: the child dies with it.
     #[serde(default)]
     pub parent: Option<u32>,
+    /// Run this program in the test process instead of a registered test (a foreign test
+    /// binary, after the per-test process has set up its isolation).
+    #[serde(default)]
+    pub exec: Option<Exec>,
 }
 
-/// What the child reports over the result pipe.
+/// A program the test process runs in place of a registered test.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Exec {
+    /// The program.
+    pub program: PathBuf,
+    /// Its arguments (without the program's name).
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// What the test process reports over the result pipe.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ChildReport {
     /// `None` when the test passed.
     pub failure: Option<Failure>,
+}
+
+/// What the per-test process adds once the test process has ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RelayReport {
+    /// The names of the processes the test left running outside its process group, which
+    /// were killed.
+    pub leaked: Vec<String>,
+}
+
+/// One line on the result pipe.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Record {
+    /// From the test process: its outcome.
+    Outcome(ChildReport),
+    /// From the per-test process, after the test process ended.
+    Relay(RelayReport),
 }
 
 /// One test to run in a fresh process.
@@ -77,6 +113,12 @@ pub struct RunSpec {
     pub capture: bool,
     /// The working directory; the temporary directory when `None` or missing.
     pub cwd: Option<PathBuf>,
+    /// A test that leaks processes fails (`--leak-fails`); otherwise the leak is reported.
+    #[serde(default)]
+    pub leak_fails: bool,
+    /// How its per-test process starts: forked from the fork server, or exec'd.
+    #[serde(default)]
+    pub spawn: Spawn,
 }
 
 /// Runs tests of one binary in fresh processes.
@@ -118,6 +160,7 @@ impl Sandbox {
                 output: Output::default(),
                 worker: None,
                 kept_tmp: None,
+                leaked: Vec::new(),
             },
         }
     }
@@ -135,6 +178,7 @@ impl Sandbox {
             isolation: spec.isolation,
             memory: spec.memory,
             parent: Some(std::process::id()),
+            exec: None,
         };
         let child_spec = serde_json::to_string(&child_spec).map_err(|e| e.to_string())?;
         let (result_read, result_write) = result_pipe()?;
@@ -220,7 +264,7 @@ impl Sandbox {
         let status = status.ok_or("the test process vanished")?;
         group.disarm();
 
-        let report = read_report(&result_read);
+        let (report, relay) = read_records(&result_read);
         let failure = if timed_out {
             Some(Failure::TimedOut {
                 after: spec.timeout.unwrap_or_default(),
@@ -230,6 +274,13 @@ impl Sandbox {
                 Some(report) => report.failure,
                 None => Some(failure_from_exit(status, spec.memory, &output)),
             }
+        };
+        let leaked = relay.leaked;
+        let failure = match failure {
+            None if spec.leak_fails && !leaked.is_empty() => Some(Failure::Leaked {
+                processes: leaked.clone(),
+            }),
+            failure => failure,
         };
         let kept_tmp = match tmp {
             Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep()),
@@ -241,6 +292,7 @@ impl Sandbox {
             output,
             worker: None,
             kept_tmp,
+            leaked,
         })
     }
 }
@@ -350,9 +402,16 @@ fn result_pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok((read, write))
 }
 
-/// Reads the child's report once it has exited: whatever it wrote is in the pipe's buffer.
-fn read_report(fd: &OwnedFd) -> Option<ChildReport> {
-    let mut file = std::fs::File::from(fd.try_clone().ok()?);
+/// Reads the records once the per-test process has exited: whatever it and the test process
+/// wrote is in the pipe's buffer. A line that is not a record (a descendant that wrote to an
+/// inherited descriptor) is ignored.
+fn read_records(fd: &OwnedFd) -> (Option<ChildReport>, RelayReport) {
+    let mut outcome = None;
+    let mut relay = RelayReport::default();
+    let Ok(clone) = fd.try_clone() else {
+        return (outcome, relay);
+    };
+    let mut file = std::fs::File::from(clone);
     let mut bytes = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -363,7 +422,14 @@ fn read_report(fd: &OwnedFd) -> Option<ChildReport> {
             Err(_) => break, // WouldBlock: a descendant still holds the write end
         }
     }
-    serde_json::from_slice(&bytes).ok()
+    for line in bytes.split(|&b| b == b'\n') {
+        match serde_json::from_slice(line) {
+            Ok(Record::Outcome(report)) if outcome.is_none() => outcome = Some(report),
+            Ok(Record::Relay(report)) => relay = report,
+            _ => {}
+        }
+    }
+    (outcome, relay)
 }
 
 /// Spawns, retrying briefly on `ETXTBSY` (a just-written binary still open in a concurrent

@@ -1,8 +1,8 @@
 //! Linux namespaces for isolation level `full`.
 //!
-//! [`enter_in_child`] runs in the test's child process before the test, while the process still
-//! has one thread. It creates new user, mount, network, UTS, IPC and PID namespaces with one
-//! `unshare(2)` and sets them up:
+//! [`enter`] is a stage of the per-test process (see `pertest`), which runs before the test
+//! process exists, while the per-test process still has one thread. It creates new user,
+//! mount, network, UTS, IPC and PID namespaces with one `unshare(2)` and sets them up:
 //!
 //! - **user**: the invoking uid and gid are mapped to 0, so the test runs as root inside the
 //!   namespace (and as the invoking user outside it). That is what lets an unprivileged user
@@ -15,22 +15,22 @@
 //! - **network**: only `lo`, brought up.
 //! - **UTS**: the hostname is [`HOSTNAME`].
 //! - **IPC**: System V IPC objects and POSIX message queues of its own.
-//! - **PID**: the spawned process stays outside the new PID namespace and becomes a relay:
+//! - **PID**: the per-test process stays outside the new PID namespace; the first process it
+//!   starts is the namespace's init:
 //!
 //! ```text
-//! dtf parent
-//!   └── relay      the process the parent spawned; waits, then exits as the test did
-//!         └── init   PID 1 of the new namespace: mounts /proc, reaps orphans
-//!               └── test   PID 2: runs the test
+//! per-test process   the relay: waits, then exits as the test did
+//!   └── init         PID 1 of the new namespace: mounts /proc, reaps orphans
+//!         └── test   PID 2: runs the test
 //! ```
 //!
 //! The test does not run as PID 1 because the kernel ignores signals without a handler sent to
 //! a namespace's init from inside it: `abort()` and `raise(SIGTERM)` would not kill it. When the
-//! test process ends, init sends its wait status to the relay over a pipe and exits; the kernel
-//! then kills every other process of the namespace, daemonised or not, before the relay's wait
-//! returns. The relay exits with the test's code or re-raises the test's signal, so the parent
-//! sees exactly what it would see at level `env`. All three processes are in the process group
-//! the parent created, so a timeout's `killpg` kills the init, and with it the whole namespace.
+//! test process ends, init sends the test's wait status to the relay over a pipe and exits;
+//! the kernel then kills every other process of the namespace before the relay's wait returns. The relay exits
+//! with the test's code or re-raises the test's signal, so the parent sees exactly what it
+//! would see at level `env`. All three processes are in the process group the spawner
+//! created, so a timeout's `killpg` kills the init, and with it the whole namespace.
 //!
 //! [`probe`] runs the same set-up in a short-lived forked process before any test starts and
 //! turns a refusal into an error that names the cause and the fix.
@@ -44,7 +44,7 @@ use nix::fcntl::OFlag;
 use nix::libc;
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use nix::unistd::{ForkResult, Pid, fork};
@@ -58,10 +58,6 @@ pub const FAULT_VAR: &str = "DTF_FAULT_UNSHARE";
 /// The hostname a test sees at level `full`.
 pub const HOSTNAME: &str = "dtf-test";
 
-/// The exit code (sysexits' `EX_SOFTWARE`) of a relay or init that lost track of its child,
-/// which cannot happen short of a kernel bug.
-const EX_SOFTWARE: libc::c_int = 70;
-
 /// How long [`probe`] waits for its forked process.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -73,20 +69,29 @@ const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
     .union(CloneFlags::CLONE_NEWIPC)
     .union(CloneFlags::CLONE_NEWPID);
 
-/// Enters new namespaces from inside the child, before the test runs. Must be called while the
-/// process has one thread.
-///
-/// Returns `Ok(())` in the process that is to run the test (PID 2 of the new PID namespace).
-/// The process that called it becomes the relay and init becomes the namespace's PID 1; neither
-/// returns, except that init returns an error when it cannot mount `/proc`, so that the caller
-/// reports it to the parent.
-pub fn enter_in_child() -> Result<(), String> {
+/// Enters new namespaces from the per-test process, before the test process starts (see
+/// `pertest`). Must be called while the process has one thread. The PID namespace applies to
+/// the processes it starts next: its first one becomes the namespace's init, which mounts
+/// [`mount_proc`] and starts the test process.
+pub fn enter() -> Result<(), String> {
     let fault = fault_from_env()?;
     let cwd = std::env::current_dir().ok();
     let keep = dirs_to_keep(cwd.as_deref());
     let setup = Setup::new(fault, keep, cwd);
-    setup.enter().map_err(explain)?;
-    start_pid_namespace()
+    setup.enter().map_err(explain)
+}
+
+/// Mounts a fresh `/proc` from the first process of a new PID namespace.
+pub fn mount_proc() -> Result<(), String> {
+    mount_new_proc().map_err(explain)
+}
+
+/// What a failed fork of the PID namespace's first process means.
+pub fn explain_fork(errno: Errno) -> String {
+    explain(SetupError {
+        step: Step::Fork,
+        errno,
+    })
 }
 
 /// Checks, before any test starts, that this process may create and set up the namespaces of
@@ -435,7 +440,7 @@ fn loopback_up() -> Result<(), Errno> {
     Ok(())
 }
 
-fn mount_proc() -> Result<(), SetupError> {
+fn mount_new_proc() -> Result<(), SetupError> {
     mount(
         Some("proc"),
         "/proc",
@@ -444,102 +449,6 @@ fn mount_proc() -> Result<(), SetupError> {
         None::<&str>,
     )
     .map_err(at(Step::MountProc))
-}
-
-/// Forks the new PID namespace's init. This process becomes the relay and never returns; init
-/// forks the test process, which returns `Ok(())`.
-fn start_pid_namespace() -> Result<(), String> {
-    let (status_read, status_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| format!("cannot create the status pipe of the PID namespace: {e}"))?;
-    // SAFETY: the child role calls this while the process has one thread, so the forked
-    // process may run any code.
-    match unsafe { fork() } {
-        Err(errno) => Err(explain(SetupError {
-            step: Step::Fork,
-            errno,
-        })),
-        Ok(ForkResult::Parent { child }) => {
-            drop(status_write);
-            relay(child, status_read)
-        }
-        Ok(ForkResult::Child) => {
-            drop(status_read);
-            become_init(status_write)
-        }
-    }
-}
-
-/// PID 1 of the new namespace: mounts `/proc`, forks the test process and reaps every process
-/// that ends up its child until the test process ends; then passes its wait status to the
-/// relay and exits, which makes the kernel kill whatever is left in the namespace.
-fn become_init(status_write: OwnedFd) -> Result<(), String> {
-    // If the relay is killed on its own, init (and with it the namespace) goes too.
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    mount_proc().map_err(explain)?;
-    // SAFETY: this process has one thread (it was just forked from a single-threaded one).
-    let test = match unsafe { fork() } {
-        Err(errno) => {
-            return Err(explain(SetupError {
-                step: Step::Fork,
-                errno,
-            }));
-        }
-        Ok(ForkResult::Child) => {
-            drop(status_write);
-            return Ok(());
-        }
-        Ok(ForkResult::Parent { child }) => child,
-    };
-    let status = loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid(2) writes the status into a valid local.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
-        if pid == test.as_raw() {
-            break status;
-        }
-        if pid < 0 && Errno::last() != Errno::EINTR {
-            // No children left and the test not seen: report an exit with EX_SOFTWARE.
-            break EX_SOFTWARE << 8;
-        }
-    };
-    let _ = nix::unistd::write(&status_write, &status.to_ne_bytes());
-    exit_now(0)
-}
-
-/// The process the parent spawned: waits for init, then ends the way the test process ended.
-fn relay(init: Pid, status_read: OwnedFd) -> ! {
-    let init_status = wait_raw(init).unwrap_or(EX_SOFTWARE << 8);
-    let mut buf = [0u8; 4];
-    let status = match nix::unistd::read(&status_read, &mut buf) {
-        Ok(4) => i32::from_ne_bytes(buf),
-        // Init ended before the test did (killed, or it reported a set-up error itself).
-        _ => init_status,
-    };
-    exit_like(status)
-}
-
-/// Ends this process with the same wait status: the same exit code, or the same signal.
-fn exit_like(status: libc::c_int) -> ! {
-    if libc::WIFEXITED(status) {
-        exit_now(libc::WEXITSTATUS(status));
-    }
-    if libc::WIFSIGNALED(status) {
-        let signal = libc::WTERMSIG(status);
-        // The test process already dumped core if it was going to; the relay must not.
-        let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
-        // SAFETY: this single-threaded process only exits after this: restoring the default
-        // action and unblocking the signal cannot affect other code.
-        unsafe {
-            libc::signal(signal, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, signal);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            libc::raise(signal);
-        }
-        exit_now(128 + signal);
-    }
-    exit_now(EX_SOFTWARE)
 }
 
 /// Ends this process at once: no destructors, no `atexit` handlers, no flushing of buffers
@@ -584,7 +493,7 @@ fn probe_child(setup: &Setup, out: &OwnedFd) {
             }),
         ),
         Ok(ForkResult::Child) => {
-            send_record(out, mount_proc());
+            send_record(out, mount_new_proc());
             exit_now(0)
         }
         Ok(ForkResult::Parent { child }) => {
