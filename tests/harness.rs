@@ -312,6 +312,9 @@ fn the_hermetic_environment_has_only_the_allowlist_and_private_dirs() {
             .env("FIXTURE_OUT_DIR", out.path())
             .env("MYAPP_MODE", "fast")
             .env("SECRET_TOKEN", "leak")
+            .env("USER", "alice")
+            .env("LOGNAME", "alice")
+            .env("SHELL", "/bin/zsh")
             .env("HOME", "/home/parent")
             .env("LC_ALL", "C")
             .env("CARGO_TERM_COLOR", "never")
@@ -329,9 +332,16 @@ fn the_hermetic_environment_has_only_the_allowlist_and_private_dirs() {
         ("LC_ALL", "C"),
         ("TZ", "UTC"),
         ("CARGO_TERM_COLOR", "never"),
+        ("USER", "alice"),
+        ("LOGNAME", "alice"),
     ] {
         assert_eq!(get(&one, name), Some(value), "{name}");
     }
+    assert_eq!(
+        get(&one, "SHELL"),
+        None,
+        "the interactive shell is not passed"
+    );
     assert!(get(&one, "PATH").is_some());
     assert_eq!(get(&one, "SECRET_TOKEN"), None);
     assert_eq!(
@@ -350,6 +360,8 @@ fn the_hermetic_environment_has_only_the_allowlist_and_private_dirs() {
         "LANG",
         "TZ",
         "TERM",
+        "USER",
+        "LOGNAME",
         "OUT_DIR",
         "RUSTUP_HOME",
         "RUSTUP_TOOLCHAIN",

@@ -21,6 +21,14 @@ pub const ALLOWED: &[&str] = &[
     "LANG",
     "TZ",
     "TERM",
+    // Who runs the test. Code that looks the user up (`~user` expansion, `getpwnam`, a default
+    // user name) reads these; they describe the invoking user, which is who the test runs as
+    // (at level `full` too: uid 0 inside the user namespace is that user outside it).
+    // `SHELL` is left out on purpose: it names the developer's interactive shell (zsh on one
+    // machine, bash on the next), so a test that ran `$SHELL` would differ between machines;
+    // `DTF_PASS_ENV=SHELL` passes it.
+    "USER",
+    "LOGNAME",
 ];
 
 /// Prefixes passed through at levels `env` and `full`.
@@ -172,6 +180,19 @@ mod tests {
         let mut got = Vec::new();
         add_toolchain_homes(&mut got, |_| None);
         assert!(got.is_empty());
+    }
+
+    #[test]
+    fn identity_passes_but_not_the_interactive_shell() {
+        let parent = vars(&[
+            ("USER", "alice"),
+            ("LOGNAME", "alice"),
+            ("SHELL", "/bin/zsh"),
+        ]);
+        let got = test_environment(Isolation::Env, parent.clone(), &[], []);
+        assert_eq!(got, vars(&[("USER", "alice"), ("LOGNAME", "alice")]));
+        let got = test_environment(Isolation::Env, parent, &parse_pass_env("SHELL"), []);
+        assert_eq!(got.len(), 3);
     }
 
     #[test]
