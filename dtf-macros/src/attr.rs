@@ -11,7 +11,8 @@ use syn::{Attribute, Error, Expr, ExprLit, Ident, Lit, LitStr, Meta, Result, Tok
 use crate::parse;
 
 /// The option names, in the order error messages list them.
-const OPTION_NAMES: &str = "timeout, env, isolation, retries, memory";
+const OPTION_NAMES: &str =
+    "timeout, env, isolation, retries, memory, flavor, worker_threads, start_paused";
 
 /// Each isolation level's spelling in the attribute and its `Isolation` variant.
 const ISOLATION_LEVELS: [(&str, &str); 4] = [
@@ -34,6 +35,13 @@ pub(crate) struct Options {
     pub(crate) retries: Option<u32>,
     /// `memory = "..."`, in bytes.
     pub(crate) memory_bytes: Option<u64>,
+    /// `flavor = "current_thread" | "multi_thread"` of an `async fn` test's runtime, with the
+    /// span of its value; `true` for `multi_thread`.
+    pub(crate) multi_thread: Option<(bool, proc_macro2::Span)>,
+    /// `worker_threads = N` of a multi-thread runtime, with its span.
+    pub(crate) worker_threads: Option<(usize, proc_macro2::Span)>,
+    /// `start_paused = true|false` of a current-thread runtime, with its span.
+    pub(crate) start_paused: Option<(bool, proc_macro2::Span)>,
 }
 
 impl Options {
@@ -52,6 +60,9 @@ impl Options {
             Some("isolation") => self.isolation.is_some(),
             Some("retries") => self.retries.is_some(),
             Some("memory") => self.memory_bytes.is_some(),
+            Some("flavor") => self.multi_thread.is_some(),
+            Some("worker_threads") => self.worker_threads.is_some(),
+            Some("start_paused") => self.start_paused.is_some(),
             Some(marker @ ("ignore" | "should_panic")) => {
                 return Err(meta.error(format!(
                     "`{marker}` is not an option of `#[dtf::test]`: \
@@ -99,9 +110,105 @@ impl Options {
                 self.isolation = Some(level);
             }
             Some("retries") => self.retries = Some(retries_value(meta)?),
+            Some("flavor") => {
+                let text = string_value(meta, "flavor", r#"flavor = "multi_thread""#)?;
+                let multi = match text.value().as_str() {
+                    "current_thread" => false,
+                    "multi_thread" => true,
+                    other => {
+                        let message = format!(
+                            r#"unknown runtime flavor {other:?}: expected "current_thread" or "multi_thread""#
+                        );
+                        return Err(Error::new(text.span(), message));
+                    }
+                };
+                self.multi_thread = Some((multi, text.span()));
+            }
+            Some("worker_threads") => self.worker_threads = Some(worker_threads_value(meta)?),
+            Some("start_paused") => self.start_paused = Some(bool_value(meta, "start_paused")?),
             _ => self.memory_bytes = Some(memory_value(meta)?),
         }
         Ok(())
+    }
+
+    /// Checks the runtime options against each other and against the function: they describe
+    /// the tokio runtime of an `async fn` test, with the rules of `#[tokio::test]`.
+    pub(crate) fn check_runtime(&self, is_async: bool) -> Result<()> {
+        let mut errors: Vec<Error> = Vec::new();
+        let given = [
+            ("flavor", self.multi_thread.map(|(_, span)| span)),
+            ("worker_threads", self.worker_threads.map(|(_, span)| span)),
+            ("start_paused", self.start_paused.map(|(_, span)| span)),
+        ];
+        if !is_async {
+            for (name, span) in given {
+                if let Some(span) = span {
+                    let message = format!(
+                        "`{name}` configures the tokio runtime of an `async fn` test, \
+                         but this test is not `async`"
+                    );
+                    errors.push(Error::new(span, message));
+                }
+            }
+        } else {
+            let multi = self.multi_thread.is_some_and(|(multi, _)| multi);
+            if let (Some((_, span)), false) = (self.worker_threads, multi) {
+                errors.push(Error::new(
+                    span,
+                    r#"`worker_threads` needs the multi-thread runtime: add `flavor = "multi_thread"`"#,
+                ));
+            }
+            if let (Some((true, span)), true) = (self.start_paused, multi) {
+                errors.push(Error::new(
+                    span,
+                    r#"`start_paused = true` needs the current-thread runtime: remove `flavor = "multi_thread"`"#,
+                ));
+            }
+        }
+        match errors.into_iter().reduce(|mut all, error| {
+            all.combine(error);
+            all
+        }) {
+            Some(errors) => Err(errors),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Parses `= N` after `worker_threads`: a whole number greater than zero.
+fn worker_threads_value(meta: &ParseNestedMeta) -> Result<(usize, proc_macro2::Span)> {
+    const EXAMPLE: &str = "worker_threads = 2";
+    match option_value(meta, "worker_threads", EXAMPLE)? {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(count),
+            ..
+        }) if count.suffix().is_empty() => match count.base10_parse::<usize>() {
+            Ok(0) => Err(Error::new(
+                count.span(),
+                "`worker_threads` must be greater than zero",
+            )),
+            Ok(n) => Ok((n, count.span())),
+            Err(_) => Err(Error::new(count.span(), "`worker_threads` is too large")),
+        },
+        other => Err(Error::new_spanned(
+            other,
+            format!("`worker_threads` must be a positive integer, as in `{EXAMPLE}`"),
+        )),
+    }
+}
+
+/// Parses `= true` or `= false` after an option name.
+fn bool_value(meta: &ParseNestedMeta, name: &str) -> Result<(bool, proc_macro2::Span)> {
+    let example = format!("{name} = true");
+    match option_value(meta, name, &example)? {
+        Expr::Lit(ExprLit {
+            lit: Lit::Bool(value),
+            ..
+        }) => Ok((value.value, value.span)),
+        other => Err(Error::new_spanned(
+            other,
+            format!("`{name}` must be `true` or `false`, as in `{example}`"),
+        )),
     }
 }
 
@@ -396,7 +503,7 @@ mod tests {
     fn reports_bad_options() {
         assert_eq!(
             error(quote!(timout = "1s")),
-            "unknown option `timout`: expected one of timeout, env, isolation, retries, memory"
+            "unknown option `timout`: expected one of timeout, env, isolation, retries, memory, flavor, worker_threads, start_paused"
         );
         assert_eq!(
             error(quote!(timeout = "5 parsecs")),
@@ -450,6 +557,18 @@ mod tests {
             r#"`env` needs a list of variables, as in `env(NAME = "value")`"#
         );
         assert!(error(quote!(ignore)).starts_with("`ignore` is not an option"));
+        assert_eq!(
+            error(quote!(flavor = "multi")),
+            r#"unknown runtime flavor "multi": expected "current_thread" or "multi_thread""#
+        );
+        assert_eq!(
+            error(quote!(worker_threads = 0)),
+            "`worker_threads` must be greater than zero"
+        );
+        assert_eq!(
+            error(quote!(start_paused = 1)),
+            "`start_paused` must be `true` or `false`, as in `start_paused = true`"
+        );
     }
 
     fn markers(attrs: TokenStream) -> Result<(Markers, Vec<Attribute>)> {

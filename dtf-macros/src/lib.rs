@@ -131,14 +131,85 @@ fn expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         (Err(error), Ok(_)) | (Ok(_), Err(error)) => return Err(error),
     };
     let markers = Markers::take(&mut function.attrs)?;
-    let registration = registration(&function, &options, &markers);
+    options.check_runtime(function.sig.asyncness.is_some())?;
+    let dtf = DtfCrate::find();
+    let registration = registration(&function, &options, &markers, &dtf);
     if function.sig.asyncness.take().is_some() {
         let body = &function.block;
-        *function.block = syn::parse_quote!({ ::dtf::__private::block_on(async move #body) });
+        let import = dtf.import();
+        let runtime = runtime(&options);
+        *function.block = syn::parse_quote!({
+            #import
+            __dtf::__private::block_on_runtime(#runtime, async move #body)
+        });
     }
     Ok(quote! {
         #function
         #registration
+    })
+}
+
+/// How the generated code reaches the `dtf` library from the user's crate.
+///
+/// Generated code never writes `::dtf::` or `::core::`: a leading `::` means the crate root in
+/// edition 2015, and the dependency may be renamed in `Cargo.toml`
+/// (`harnessx = { package = "dtf-harness", ... }`). Instead each generated block imports the
+/// library under a private name with `extern crate NAME as __dtf;` (which resolves in every
+/// edition), where NAME is read from the user's manifest by `proc-macro-crate`.
+enum DtfCrate {
+    /// The library itself is being compiled: `crate`.
+    Itself,
+    /// The name the user's crate knows the library by.
+    Named(syn::Ident),
+}
+
+/// The package users depend on; its library is called `dtf`.
+const PACKAGE: &str = "dtf-harness";
+/// The library name of [`PACKAGE`].
+const LIBRARY: &str = "dtf";
+
+impl DtfCrate {
+    fn find() -> DtfCrate {
+        use proc_macro_crate::{FoundCrate, crate_name};
+        let name = match crate_name(PACKAGE) {
+            Ok(FoundCrate::Itself) => return DtfCrate::Itself,
+            // proc-macro-crate reports an unrenamed dependency by its package name, but the
+            // library is called `dtf`: `dtf-harness = "0.1"` is `dtf` in code.
+            Ok(FoundCrate::Name(name)) if name == PACKAGE.replace('-', "_") => LIBRARY.to_owned(),
+            Ok(FoundCrate::Name(name)) => name,
+            // No manifest to read (rustc run by hand) or dtf reached through another crate's
+            // re-export: the usual name.
+            Err(_) => LIBRARY.to_owned(),
+        };
+        DtfCrate::Named(syn::Ident::new(&name, Span::call_site()))
+    }
+
+    /// An item that brings the library into scope as `__dtf`.
+    fn import(&self) -> TokenStream {
+        match self {
+            DtfCrate::Itself => quote!(
+                use crate as __dtf;
+            ),
+            DtfCrate::Named(name) => quote!(
+                #[allow(unused_extern_crates, clippy::useless_attribute)]
+                extern crate #name as __dtf;
+            ),
+        }
+    }
+}
+
+/// The `dtf::__private::Runtime` of an `async fn` test, from its runtime options.
+fn runtime(options: &Options) -> TokenStream {
+    let multi_thread = options.multi_thread.is_some_and(|(multi, _)| multi);
+    let worker_threads = match options.worker_threads {
+        Some((n, _)) => quote!(__dtf::__private::core::option::Option::Some(#n)),
+        None => quote!(__dtf::__private::core::option::Option::None),
+    };
+    let start_paused = options.start_paused.is_some_and(|(paused, _)| paused);
+    quote!(__dtf::__private::Runtime {
+        multi_thread: #multi_thread,
+        worker_threads: #worker_threads,
+        start_paused: #start_paused,
     })
 }
 
@@ -204,10 +275,16 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
     }
 }
 
-/// The `inventory::submit!` that registers the test's `TestDef`.
-fn registration(function: &ItemFn, options: &Options, markers: &Markers) -> TokenStream {
+/// The `inventory::submit!` that registers the test's `TestDef`, and its libtest twin.
+fn registration(
+    function: &ItemFn,
+    options: &Options,
+    markers: &Markers,
+    dtf: &DtfCrate,
+) -> TokenStream {
     let ident = &function.sig.ident;
     let name = ident.unraw().to_string();
+    let import = dtf.import();
     // A `#[cfg]` that removes the function must remove its registration too.
     let cfgs = function.attrs.iter().filter(|a| a.path().is_ident("cfg"));
 
@@ -217,31 +294,32 @@ fn registration(function: &ItemFn, options: &Options, markers: &Markers) -> Toke
         ReturnType::Default => ident.span(),
     };
     let result = quote_spanned! {result_span=>
-        ::dtf::__private::TestReturn::into_test_result(#ident())
+        __dtf::__private::TestReturn::into_test_result(#ident())
     };
     // Spanned at the name, so that `line!()` is the line of the function rather than the attribute.
     let location = quote_spanned! {ident.span()=>
-        file: ::core::file!(),
-        line: ::core::line!(),
+        file: __dtf::__private::core::file!(),
+        line: __dtf::__private::core::line!(),
     };
+    let some = quote!(__dtf::__private::core::option::Option::Some);
 
     let mut fields = Vec::new();
     if let Some(reason) = &markers.ignore {
         fields.push(quote!(ignore: true));
         if let Some(reason) = reason {
-            fields.push(quote!(ignore_reason: ::core::option::Option::Some(#reason)));
+            fields.push(quote!(ignore_reason: #some(#reason)));
         }
     }
     match &markers.should_panic {
-        Some(None) => fields.push(quote!(should_panic: ::dtf::__private::ShouldPanic::Yes)),
+        Some(None) => fields.push(quote!(should_panic: __dtf::__private::ShouldPanic::Yes)),
         Some(Some(text)) => fields.push(quote!(
-            should_panic: ::dtf::__private::ShouldPanic::WithMessage(#text)
+            should_panic: __dtf::__private::ShouldPanic::WithMessage(#text)
         )),
         None => {}
     }
     if let Some(nanos) = options.timeout_nanos {
         fields.push(quote!(
-            timeout: ::core::option::Option::Some(::core::time::Duration::from_nanos(#nanos))
+            timeout: #some(__dtf::__private::core::time::Duration::from_nanos(#nanos))
         ));
     }
     if let Some(env) = &options.env {
@@ -251,14 +329,14 @@ fn registration(function: &ItemFn, options: &Options, markers: &Markers) -> Toke
     if let Some(variant) = options.isolation {
         let variant = syn::Ident::new(variant, Span::call_site());
         fields.push(quote!(
-            isolation: ::core::option::Option::Some(::dtf::__private::Isolation::#variant)
+            isolation: #some(__dtf::__private::Isolation::#variant)
         ));
     }
     if let Some(retries) = options.retries {
-        fields.push(quote!(retries: ::core::option::Option::Some(#retries)));
+        fields.push(quote!(retries: #some(#retries)));
     }
     if let Some(bytes) = options.memory_bytes {
-        fields.push(quote!(memory: ::core::option::Option::Some(#bytes)));
+        fields.push(quote!(memory: #some(#bytes)));
     }
 
     // A `#[test]` twin that exists only where libtest's harness runs (rustc strips `#[test]`
@@ -269,24 +347,30 @@ fn registration(function: &ItemFn, options: &Options, markers: &Markers) -> Toke
 
     quote! {
         #(#twin_cfgs)*
-        // The built-in attribute by its full path: `use dtf::test;` may shadow `test`.
-        #[::core::prelude::v1::test]
+        // The built-in attribute by its path through `core` (in the extern prelude of every
+        // edition): `use dtf::test;` may shadow `test`.
+        #[core::prelude::v1::test]
         #[doc(hidden)]
         fn #twin() {
-            ::dtf::__private::wrong_harness(#name)
+            #import
+            __dtf::__private::wrong_harness(#name)
         }
 
         #(#cfgs)*
-        ::dtf::__private::inventory::submit! {
-            ::dtf::__private::TestDef {
-                module_path: ::core::module_path!(),
-                name: #name,
-                func: || #result,
-                #location
-                #(#fields,)*
-                ..::dtf::__private::TestDef::DEFAULT
+        #[doc(hidden)]
+        const _: () = {
+            #import
+            __dtf::__private::inventory::submit! {
+                __dtf::__private::TestDef {
+                    module_path: __dtf::__private::core::module_path!(),
+                    name: #name,
+                    func: || #result,
+                    #location
+                    #(#fields,)*
+                    ..__dtf::__private::TestDef::DEFAULT
+                }
             }
-        }
+        };
     }
 }
 
@@ -324,15 +408,16 @@ mod tests {
         );
         let expected_parts = [
             "# [doc = r\" Docs.\"] pub fn r#boom ()",
-            ":: dtf :: __private :: inventory :: submit !",
+            "const _ : () = { # [allow (unused_extern_crates , clippy :: useless_attribute)] extern crate dtf as __dtf ;",
+            "__dtf :: __private :: inventory :: submit !",
             "name : \"boom\"",
-            "func : || :: dtf :: __private :: TestReturn :: into_test_result (r#boom ())",
+            "func : || __dtf :: __private :: TestReturn :: into_test_result (r#boom ())",
             "ignore : true",
-            "should_panic : :: dtf :: __private :: ShouldPanic :: WithMessage (\"boom\")",
-            "timeout : :: core :: option :: Option :: Some (:: core :: time :: Duration :: from_nanos (2000000000u64))",
+            "should_panic : __dtf :: __private :: ShouldPanic :: WithMessage (\"boom\")",
+            "timeout : __dtf :: __private :: core :: option :: Option :: Some (__dtf :: __private :: core :: time :: Duration :: from_nanos (2000000000u64))",
             "env : & [(\"A\" , \"1\")]",
-            "retries : :: core :: option :: Option :: Some (1u32)",
-            ".. :: dtf :: __private :: TestDef :: DEFAULT",
+            "retries : __dtf :: __private :: core :: option :: Option :: Some (1u32)",
+            ".. __dtf :: __private :: TestDef :: DEFAULT",
         ];
         for part in expected_parts {
             assert!(code.contains(part), "`{part}` missing from {code}");
@@ -354,7 +439,7 @@ mod tests {
         assert!(!code.contains("async fn"), "{code}");
         assert!(
             code.contains(
-                "fn waits () -> Result < () , String > { :: dtf :: __private :: block_on (async move { Ok (()) }) }"
+                "fn waits () -> Result < () , String > { # [allow (unused_extern_crates , clippy :: useless_attribute)] extern crate dtf as __dtf ; __dtf :: __private :: block_on_runtime (__dtf :: __private :: Runtime { multi_thread : false , worker_threads : __dtf :: __private :: core :: option :: Option :: None , start_paused : false , } , async move { Ok (()) }) }"
             ),
             "{code}"
         );
@@ -383,9 +468,61 @@ mod tests {
         );
         assert!(
             code.contains(
-                "# [:: core :: prelude :: v1 :: test] # [doc (hidden)] fn __dtf_plain_needs_harness_false () { :: dtf :: __private :: wrong_harness (\"plain\") }"
+                "# [core :: prelude :: v1 :: test] # [doc (hidden)] fn __dtf_plain_needs_harness_false () { # [allow (unused_extern_crates , clippy :: useless_attribute)] extern crate dtf as __dtf ; __dtf :: __private :: wrong_harness (\"plain\") }"
             ),
             "{code}"
+        );
+    }
+
+    #[test]
+    fn runtime_options_build_the_runtime_of_an_async_test() {
+        let code = expanded(
+            quote!(flavor = "multi_thread", worker_threads = 3),
+            quote!(
+                async fn many() {}
+            ),
+        );
+        assert!(
+            code.contains("Runtime { multi_thread : true , worker_threads : __dtf :: __private :: core :: option :: Option :: Some (3usize) , start_paused : false , }"),
+            "{code}"
+        );
+        let code = expanded(
+            quote!(start_paused = true),
+            quote!(
+                async fn paused() {}
+            ),
+        );
+        assert!(code.contains("start_paused : true"), "{code}");
+        let message = |args: TokenStream, item: TokenStream| match expand(args, item) {
+            Ok(tokens) => panic!("expected an error, got {tokens}"),
+            Err(error) => error.to_string(),
+        };
+        assert_eq!(
+            message(
+                quote!(flavor = "multi_thread"),
+                quote!(
+                    fn sync() {}
+                )
+            ),
+            "`flavor` configures the tokio runtime of an `async fn` test, but this test is not `async`"
+        );
+        assert_eq!(
+            message(
+                quote!(worker_threads = 2),
+                quote!(
+                    async fn a() {}
+                )
+            ),
+            r#"`worker_threads` needs the multi-thread runtime: add `flavor = "multi_thread"`"#
+        );
+        assert_eq!(
+            message(
+                quote!(flavor = "multi_thread", start_paused = true),
+                quote!(
+                    async fn a() {}
+                )
+            ),
+            r#"`start_paused = true` needs the current-thread runtime: remove `flavor = "multi_thread"`"#
         );
     }
 

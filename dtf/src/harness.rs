@@ -9,6 +9,7 @@ use clap::Parser;
 
 use crate::__private::Package;
 use crate::cli::{self, Args, Color, Format, Order};
+#[cfg(feature = "distributed")]
 use crate::coordinator;
 use crate::errors::Error;
 use crate::history::{self, History};
@@ -200,12 +201,15 @@ async fn run_tests(
     filtered_out: usize,
 ) -> Result<i32, Error> {
     // `--workers` / `DTF_WORKERS`: run on dtf-worker services instead of locally.
+    #[cfg(feature = "distributed")]
     let workers = coordinator::Options::from_env(
         args.workers.as_deref(),
         config.slots,
         args.fail_fast,
         config.slow,
     )?;
+    #[cfg(not(feature = "distributed"))]
+    let workers = without_distributed::refuse_workers(args.workers.as_deref())?;
     let mut defaults = config.defaults.clone();
     // Namespaces are checked where the tests run: here for a local run; each worker checks
     // its own kernel (and says so in its log) for a distributed one.
@@ -273,11 +277,14 @@ async fn run_tests(
         slow: config.slow,
     };
     let (reports, ending) = match &workers {
+        #[cfg(feature = "distributed")]
         Some(workers) => {
             let outcome = coordinator::run(&plan, order, &sandbox, workers, &mut reporters).await?;
             summary.notes.extend(outcome.notes);
             (outcome.reports, outcome.ending)
         }
+        #[cfg(not(feature = "distributed"))]
+        Some(never) => match *never {},
         None => runner::run_local(&plan, order, &sandbox, &options, &mut reporters).await,
     };
     for report in &reports {
@@ -447,5 +454,34 @@ fn parse_env<T>(
             value,
             message,
         }),
+    }
+}
+
+/// A build without the `distributed` feature runs every test locally, and says so when asked for
+/// workers rather than ignoring the request.
+#[cfg(not(feature = "distributed"))]
+mod without_distributed {
+    use crate::errors::Error;
+
+    /// `Ok(None)` when no workers are asked for; an error naming the fix when they are.
+    pub(super) fn refuse_workers(
+        flag: Option<&str>,
+    ) -> Result<Option<std::convert::Infallible>, Error> {
+        let asked = match flag {
+            Some(value) => Some(format!("--workers {value}")),
+            None => std::env::var("DTF_WORKERS")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|value| format!("DTF_WORKERS={value}")),
+        };
+        match asked {
+            None => Ok(None),
+            Some(asked) => Err(Error::Workers(format!(
+                "{asked} asks for dtf-worker services, but this test binary was built without \
+                 dtf's `distributed` feature; enable it on the dependency \
+                 (`dtf = {{ package = \"dtf-harness\", version = \"0.1\", features = [\"distributed\"] }}`), \
+                 or unset DTF_WORKERS to run the tests here"
+            ))),
+        }
     }
 }

@@ -22,14 +22,17 @@
 pub use dtf_macros::test;
 
 pub mod cli;
+#[cfg(feature = "distributed")]
 pub mod coordinator;
 pub mod errors;
 mod harness;
 pub mod history;
+#[cfg(feature = "distributed")]
 pub mod inputs;
 pub mod order;
 pub mod outcome;
 pub mod plan;
+#[cfg(feature = "distributed")]
 pub mod protocol;
 pub mod registry;
 pub mod report;
@@ -59,6 +62,7 @@ macro_rules! main {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::registry::{Isolation, ShouldPanic, Spawn, TestDef};
+    pub use core;
     pub use inventory;
 
     /// Facts about the package that holds the test binary, captured at its compile time.
@@ -108,8 +112,33 @@ pub mod __private {
 
     /// Runs an `async fn` test body on a fresh current-thread tokio runtime.
     pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+        block_on_runtime(Runtime::default(), future)
+    }
+
+    /// The tokio runtime of an `async fn` test, as `#[dtf::test(flavor = ..., worker_threads =
+    /// ..., start_paused = ...)]` describes it (the options of `#[tokio::test]`).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Runtime {
+        /// `flavor = "multi_thread"`; otherwise current-thread.
+        pub multi_thread: bool,
+        /// `worker_threads = N` of a multi-thread runtime; tokio's default otherwise.
+        pub worker_threads: Option<usize>,
+        /// `start_paused = true`: tokio's clock starts paused and auto-advances.
+        pub start_paused: bool,
+    }
+
+    /// Runs an `async fn` test body on a fresh tokio runtime built as `runtime` says.
+    pub fn block_on_runtime<F: std::future::Future>(runtime: Runtime, future: F) -> F::Output {
+        let mut builder = if runtime.multi_thread {
+            tokio::runtime::Builder::new_multi_thread()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+        };
+        if let Some(threads) = runtime.worker_threads {
+            builder.worker_threads(threads);
+        }
+        builder.enable_all().start_paused(runtime.start_paused);
+        let runtime = builder
             .build()
             .unwrap_or_else(|e| panic!("dtf: cannot start a tokio runtime for the test: {e}"));
         runtime.block_on(future)

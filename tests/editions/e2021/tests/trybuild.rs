@@ -1,0 +1,7 @@
+//! `#[dtf::test]`, `use dtf::test;` and `dtf::main!()` in an edition 2021 crate: the case in
+//! `tests/pass/` compiles and its `main` finds every test registered and passing.
+
+#[test]
+fn edition_2021() {
+    trybuild::TestCases::new().pass("tests/pass/*.rs");
+}
