@@ -80,9 +80,25 @@ use crate::attr::{Markers, Options};
 ///
 /// The function stays as written, under its own name, so other code can still call it. An
 /// `async fn` becomes a plain `fn` with the same return type whose body is
-/// `::dtf::__private::block_on(async move { ... })`. Next to the function, the attribute
-/// registers a `dtf::__private::TestDef` through `inventory`, reached as
-/// `::dtf::__private::inventory`, so the crate needs no dependency on `inventory` itself.
+/// `dtf::__private::block_on_runtime(RUNTIME, async move { ... })`. Next to the function, the
+/// attribute registers a `dtf::__private::TestDef` through `inventory`, reached through dtf, so
+/// the crate needs no dependency on `inventory` itself.
+///
+/// Generated code reaches dtf through `extern crate NAME as __dtf;` inside its own blocks, where
+/// NAME is what the crate's `Cargo.toml` calls the `dtf-harness` package (`dtf` unless renamed,
+/// as in `harnessx = { package = "dtf-harness", ... }`), so it resolves in every edition from
+/// 2015 on and under a renamed dependency.
+///
+/// # Runtime options of `async fn` tests
+///
+/// | option | meaning |
+/// | --- | --- |
+/// | `flavor = "current_thread"` (default) or `"multi_thread"` | the kind of tokio runtime |
+/// | `worker_threads = N` | worker threads of a `multi_thread` runtime |
+/// | `start_paused = true` | tokio's clock starts paused (current-thread only) |
+///
+/// They mean what they mean in `#[tokio::test]`, and are compile errors on a test that is not
+/// `async`.
 ///
 /// # Restrictions
 ///
