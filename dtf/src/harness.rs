@@ -478,9 +478,8 @@ mod without_distributed {
             None => Ok(None),
             Some(asked) => Err(Error::Workers(format!(
                 "{asked} asks for dtf-worker services, but this test binary was built without \
-                 dtf's `distributed` feature; enable it on the dependency \
-                 (`dtf = {{ package = \"dtf-harness\", version = \"0.1\", features = [\"distributed\"] }}`), \
-                 or unset DTF_WORKERS to run the tests here"
+                 dtf's `distributed` feature (on by default): remove `default-features = false` \
+                 from the `dtf` dependency, or unset DTF_WORKERS to run the tests here"
             ))),
         }
     }
