@@ -479,7 +479,7 @@ fn a_wrong_token_is_refused_and_the_worker_keeps_serving() {
     let wrong = run_bounded(
         dtf_command(&fixture)
             .env("DTF_WORKERS", &w.addr)
-            .env("DTF_TOKEN", "not-the-token")
+            .env("DTF_TOKEN", "not-the-token-but-long-enough-to-be-accepted")
             .env("DTF_REQUIRE_WORKERS", "1")
             .args(["--exact", "dist_sleep_1"]),
         MINUTE,
@@ -535,17 +535,50 @@ fn closes_within(stream: &mut std::net::TcpStream, limit: Duration) -> bool {
     }
 }
 
-/// A raw connection that completed the real handshake.
-fn authenticated(addr: &str) -> std::net::TcpStream {
-    runtime().block_on(async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        protocol::client_handshake(&mut stream, Some(&token()))
+/// A connection that completed the real handshake: bytes written go through the encrypted
+/// record layer, so they reach the worker's frame decoder as sent.
+struct Authenticated {
+    rt: tokio::runtime::Runtime,
+    stream: protocol::SecureStream<tokio::net::TcpStream>,
+}
+
+impl Authenticated {
+    fn connect(addr: &str) -> Authenticated {
+        let rt = runtime();
+        let stream = rt.block_on(async {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            protocol::client_handshake(stream, Some(&token()))
+                .await
+                .expect("handshake")
+        });
+        Authenticated { rt, stream }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.rt.block_on(async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+    }
+
+    /// True when the worker closed the connection within `limit`.
+    fn closes_within(&mut self, limit: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        self.rt.block_on(async {
+            let mut buf = [0u8; 4096];
+            tokio::time::timeout(limit, async {
+                loop {
+                    match self.stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => continue,
+                    }
+                }
+            })
             .await
-            .expect("handshake");
-        let stream = stream.into_std().expect("std stream");
-        stream.set_nonblocking(false).expect("blocking");
-        stream
-    })
+            .is_ok()
+        })
+    }
 }
 
 #[test]
@@ -560,7 +593,7 @@ fn malformed_and_oversized_frames_end_only_their_connection() {
         assert!(run.stdout.contains("dtf: 1 worker;"), "{}", run.dump());
     };
     // A connection kept open throughout: garbage elsewhere does not disturb it.
-    let mut idle = authenticated(&w.addr);
+    let mut idle = Authenticated::connect(&w.addr);
 
     // Before authentication: garbage, and an oversized length prefix.
     for bytes in [
@@ -578,25 +611,46 @@ fn malformed_and_oversized_frames_end_only_their_connection() {
         serves();
     }
     // After authentication: an oversized frame, then a well-sized frame of garbage.
-    let mut s = authenticated(&w.addr);
+    let mut s = Authenticated::connect(&w.addr);
     s.write_all(&[0x7f, 0xff, 0xff, 0xff]).expect("write");
     s.write_all(&[0u8; 1024]).expect("write");
-    assert!(closes_within(&mut s, Duration::from_secs(5)), "{}", w.log());
+    assert!(s.closes_within(Duration::from_secs(5)), "{}", w.log());
     serves();
-    let mut s = authenticated(&w.addr);
+    let mut s = Authenticated::connect(&w.addr);
     s.write_all(&[0, 0, 0, 8, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff])
         .expect("write");
-    assert!(closes_within(&mut s, Duration::from_secs(5)), "{}", w.log());
+    assert!(s.closes_within(Duration::from_secs(5)), "{}", w.log());
+    serves();
+    // Raw bytes that are not an encrypted record, after a real handshake.
+    let raw = Authenticated::connect(&w.addr);
+    let mut tcp = {
+        use std::os::fd::AsFd;
+        let fd = raw
+            .stream
+            .get_ref()
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("dup");
+        std::net::TcpStream::from(fd)
+    };
+    tcp.set_nonblocking(false).expect("blocking");
+    tcp.write_all(&[
+        0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+    ])
+    .expect("write");
+    assert!(
+        closes_within(&mut tcp, Duration::from_secs(5)),
+        "{}",
+        w.log()
+    );
     serves();
 
     let log = w.log();
     assert!(log.contains("refused a connection"), "{log}");
-    assert!(log.matches("connection error").count() >= 2, "{log}");
+    assert!(log.matches("connection error").count() >= 3, "{log}");
+    assert!(log.contains("does not authenticate"), "{log}");
     // The idle connection is still open.
-    idle.set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let mut buf = [0u8; 1];
-    assert!(matches!(idle.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    assert!(!idle.closes_within(Duration::from_millis(200)), "{log}");
 }
 
 /// Uploads `binary` in chunks; its digest.

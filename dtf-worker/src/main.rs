@@ -3,6 +3,7 @@
 //! ```text
 //! dtf-worker [--listen ADDR] [--slots N] [--cache-dir DIR] [--cache-max SIZE] [--token-file FILE]
 //! dtf-worker status ADDR [--json]
+//! dtf-worker token [--out FILE]
 //! ```
 //!
 //! See `docs/distributed.md` for the protocol and the security model.
@@ -61,6 +62,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Make a new token: 256 random bits as 64 hex characters, printed on stdout or written to
+    /// FILE with mode 600.
+    Token {
+        /// Write the token to this file (created or replaced, mode 600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -102,7 +110,8 @@ enum WorkerError {
     BadListen { addr: String, error: std::io::Error },
     #[error(
         "refusing to listen on {addr} without a token: anyone who can connect could run any code as this user. \
-         Set DTF_TOKEN or --token-file, or listen on a loopback address (127.0.0.1)"
+         Set --token-file or DTF_TOKEN_FILE ({how}), or listen on a loopback address (127.0.0.1)",
+        how = protocol::HOW_TO_MAKE_A_TOKEN
     )]
     NoToken { addr: String },
     #[error("{0}")]
@@ -123,6 +132,10 @@ enum WorkerError {
     TempDir(String),
     #[error("{0}")]
     Connect(#[from] ConnectError),
+    #[error("cannot make a token: {0}")]
+    NewToken(std::io::Error),
+    #[error("cannot write the token to {path}: {error}")]
+    WriteToken { path: String, error: std::io::Error },
     #[error("{addr}: the worker did not answer `status`: {error}")]
     Status {
         addr: String,
@@ -132,6 +145,12 @@ enum WorkerError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Token { out }) = &cli.command {
+        return match new_token(out.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -146,6 +165,7 @@ fn main() -> ExitCode {
             json,
             token_file,
         }) => runtime.block_on(status(&addr, json, token_file.as_deref())),
+        Some(Command::Token { .. }) => Ok(()),
         None => runtime.block_on(serve(cli.serve)),
     };
     // Tasks still alive (test handlers) are dropped here, which kills their tests.
@@ -179,6 +199,43 @@ fn init_logging() {
         .init();
 }
 
+/// `dtf-worker token [--out FILE]`.
+fn new_token(out: Option<&Path>) -> Result<(), WorkerError> {
+    let text = Token::random_text().map_err(WorkerError::NewToken)?;
+    match out {
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{text}");
+            let _ = stdout.flush();
+        }
+        Some(path) => {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let write = || -> std::io::Result<()> {
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(path)?;
+                // An existing file keeps its mode on open: make it 600 before writing.
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                file.write_all(format!("{text}\n").as_bytes())?;
+                file.sync_all()
+            };
+            write().map_err(|error| WorkerError::WriteToken {
+                path: path.display().to_string(),
+                error,
+            })?;
+            eprintln!(
+                "dtf-worker: wrote a new token to {} (mode 600); start workers with --token-file {0} and give \
+                 coordinators DTF_TOKEN_FILE={0}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn load_token(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
     let file =
         file.map(Path::to_path_buf)
@@ -191,10 +248,12 @@ fn load_token(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
     if let Some(path) = &file {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(meta) = std::fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
                 tracing::warn!(
-                    "the token file {} is readable by other users: `chmod 600` it",
-                    path.display()
+                    "the token file {} is readable or writable by other users (mode {:o}): anyone who reads it can run any code as this worker's user; `chmod 600` it",
+                    path.display(),
+                    mode & 0o777
                 );
             }
         }
@@ -422,5 +481,7 @@ mod tests {
             Some(Command::Status { json: true, .. })
         ));
         assert!(Cli::try_parse_from(["dtf-worker", "--cache-max", "lots"]).is_err());
+        let cli = Cli::try_parse_from(["dtf-worker", "token", "--out", "f"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Token { out: Some(_) })));
     }
 }

@@ -402,20 +402,20 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
-async fn handle(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    token: Option<Token>,
-) {
+async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, token: Option<Token>) {
     protocol::configure_socket(&stream);
-    let session = match tokio::time::timeout(
+    let (closed_tx, mut closed) = watch::channel(false);
+    let io = Watched {
+        inner: stream,
+        closed: closed_tx,
+    };
+    let stream = match tokio::time::timeout(
         HANDSHAKE_LIMIT,
-        protocol::server_handshake(&mut stream, token.as_ref()),
+        protocol::server_handshake(io, token.as_ref()),
     )
     .await
     {
-        Ok(Ok(session)) => session,
+        Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             warn!(%peer, "refused a connection: {e}");
             return;
@@ -437,12 +437,7 @@ async fn handle(
         })),
     };
 
-    let (closed_tx, mut closed) = watch::channel(false);
-    let io = Watched {
-        inner: stream,
-        closed: closed_tx,
-    };
-    let transport: protocol::ServerTransport<Watched> = protocol::transport(io, session);
+    let transport: protocol::ServerTransport<Watched> = protocol::server_transport(stream);
     let channel = BaseChannel::with_defaults(transport);
     let mut requests = Box::pin(
         channel

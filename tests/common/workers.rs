@@ -18,6 +18,10 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     /// `--cache-max`.
     pub cache_max: Option<String>,
+    /// More arguments for the worker.
+    pub args: Vec<String>,
+    /// `RLIMIT_NOFILE` (soft and hard) for the worker process, as `ulimit -n` would set it.
+    pub nofile: Option<u64>,
 }
 
 impl Default for WorkerConfig {
@@ -26,12 +30,14 @@ impl Default for WorkerConfig {
             slots: 2,
             token: Some(TOKEN.to_owned()),
             cache_max: None,
+            args: Vec::new(),
+            nofile: None,
         }
     }
 }
 
 /// The token the tests' workers share unless told otherwise.
-pub const TOKEN: &str = "e2e-token-0123456789abcdef";
+pub const TOKEN: &str = "e2e-token-0123456789abcdef0123456789abcdef";
 
 /// A running `dtf-worker`.
 pub struct Worker {
@@ -346,6 +352,21 @@ fn launch(root: &Path, config: &WorkerConfig) -> (Child, String, Arc<Mutex<Strin
     }
     if let Some(token) = &config.token {
         cmd.env("DTF_TOKEN", token);
+    }
+    cmd.args(&config.args);
+    if let Some(limit) = config.nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    limit,
+                    limit,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
     }
     let mut child = cmd.spawn().expect("start dtf-worker");
     let stdout = child.stdout.take().expect("stdout");

@@ -78,11 +78,14 @@ impl LocalWorkers {
         net: Option<&LatencyNet>,
     ) -> Result<LocalWorkers, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let token = format!(
-            "bench-{}-{:x}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ 0x5eed
-        );
+        // 256 random bits as hex, as `dtf-worker token` makes them.
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(|e| e.to_string())?,
+            &mut bytes,
+        )
+        .map_err(|e| e.to_string())?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, &token).map_err(|e| e.to_string())?;
         let mut workers = LocalWorkers {

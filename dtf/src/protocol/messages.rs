@@ -1,0 +1,282 @@
+//! The messages coordinators and workers exchange: the [`Worker`] service (one request type
+//! per call, one response type each) and the types they carry. How these travel (framing,
+//! encryption, the handshake) is [`super::transport`]'s business.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::outcome::{Attempt, Failure, Output};
+use crate::sandbox::RunSpec;
+
+/// Binary uploads travel in chunks of at most this many bytes, well under the frame limits.
+pub const CHUNK_SIZE: usize = 1 << 20;
+
+/// The BLAKE3 digest of a test binary: its name in a worker's cache.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// Parses 64 hex characters.
+    pub fn from_hex(hex: &str) -> Option<Digest> {
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| Digest(*h.as_bytes()))
+    }
+
+    /// The first 12 hex characters, for messages.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_owned()
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.short())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// What a coordinator says about itself when it connects.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// A label for the run, shown in `dtf-worker status` (e.g. `fixture (pid 42 on host)`).
+    pub run: String,
+}
+
+/// What a worker says about itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The worker's name (`--name`, or host name and port).
+    pub name: String,
+    /// Tests it runs at once.
+    pub slots: u32,
+    /// The `dtf-worker` version.
+    pub version: String,
+}
+
+/// One piece of a binary upload. Chunks of one upload arrive in order, starting at offset 0.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Chunk {
+    /// The digest the whole binary must have.
+    pub digest: Digest,
+    /// The binary's total size in bytes.
+    pub total: u64,
+    /// Where this chunk starts.
+    pub offset: u64,
+    /// The bytes (at most [`CHUNK_SIZE`]).
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chunk")
+            .field("digest", &self.digest)
+            .field("total", &self.total)
+            .field("offset", &self.offset)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+/// How an upload stands after a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadProgress {
+    /// More chunks are expected; this many bytes were received so far.
+    Partial(u64),
+    /// The binary is complete, verified and ready to run.
+    Stored,
+}
+
+/// Why a worker refused a chunk. The upload is abandoned; nothing is cached.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum UploadError {
+    /// The bytes did not hash to the announced digest.
+    #[error("digest mismatch: announced {expected}, received bytes hash to {actual}")]
+    DigestMismatch {
+        /// The announced digest (hex).
+        expected: String,
+        /// The digest of what arrived (hex).
+        actual: String,
+    },
+    /// A chunk did not continue the upload where the previous one ended.
+    #[error("chunk at offset {got} does not continue the upload (expected offset {expected})")]
+    OutOfOrder {
+        /// The offset the worker expected.
+        expected: u64,
+        /// The chunk's offset.
+        got: u64,
+    },
+    /// The chunk or the binary is too large.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The worker could not store the binary.
+    #[error("the worker cannot store the binary: {0}")]
+    Storage(String),
+}
+
+/// Runs one test of a cached binary.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// The binary, by digest (uploaded or found in the cache first).
+    pub digest: Digest,
+    /// The test, its environment, isolation level, timeout and memory limit. The worker always
+    /// captures output; `cwd` falls back to the test's temporary directory when missing there.
+    pub spec: RunSpec,
+}
+
+/// The outcome of one test on a worker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunResponse {
+    /// `None` when the test passed. [`Failure::System`] marks an infrastructure failure
+    /// (sandbox set-up failed, binary missing): the coordinator runs such tests elsewhere.
+    #[serde(with = "json_failure")]
+    pub failure: Option<Failure>,
+    /// How long the test process ran.
+    pub duration: Duration,
+    /// Captured stdout and stderr, capped (the cap's note says how much was cut).
+    pub output: Output,
+    /// The processes the test left running outside its process group (killed).
+    pub leaked: Vec<String>,
+    /// The worker's name.
+    pub worker: String,
+}
+
+impl RunResponse {
+    /// The response as an attempt run on `worker`.
+    pub fn into_attempt(self, worker: String) -> Attempt {
+        Attempt {
+            failure: self.failure,
+            duration: self.duration,
+            output: self.output,
+            worker: Some(worker),
+            kept_tmp: None,
+            leaked: self.leaked,
+        }
+    }
+}
+
+/// `Failure` is an internally tagged enum, which postcard cannot decode: it travels as JSON.
+mod json_failure {
+    use serde::{
+        Deserialize, Deserializer, Serialize, Serializer, de::Error as _, ser::Error as _,
+    };
+
+    use crate::outcome::Failure;
+
+    pub fn serialize<S: Serializer>(failure: &Option<Failure>, s: S) -> Result<S::Ok, S::Error> {
+        serde_json::to_string(failure)
+            .map_err(S::Error::custom)?
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Failure>, D::Error> {
+        let json = String::deserialize(d)?;
+        serde_json::from_str(&json).map_err(D::Error::custom)
+    }
+}
+
+/// A test running on a worker, as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunningTest {
+    /// The test's name.
+    pub test: String,
+    /// The run it belongs to (the coordinator's label and address).
+    pub run: String,
+    /// Milliseconds since it started.
+    pub running_ms: u64,
+}
+
+/// A worker's state, for people (`dtf-worker status ADDR`) and scripts (`--json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// The worker's name.
+    pub name: String,
+    /// The `dtf-worker` version.
+    pub version: String,
+    /// The protocol version.
+    pub protocol: u32,
+    /// Tests it runs at once.
+    pub slots: u32,
+    /// Coordinators connected now.
+    pub connections: u32,
+    /// Tests running now.
+    pub running: Vec<RunningTest>,
+    /// Run requests waiting for a slot.
+    pub waiting: u32,
+    /// Tests run since start.
+    pub tests_run: u64,
+    /// Binaries in the cache.
+    pub cache_entries: u64,
+    /// Bytes in the cache.
+    pub cache_bytes: u64,
+    /// The cache's cap in bytes.
+    pub cache_max: u64,
+    /// Binaries asked for that were already cached.
+    pub cache_hits: u64,
+    /// Binaries asked for that had to be uploaded.
+    pub cache_misses: u64,
+    /// Binary bytes received by uploads since start.
+    pub bytes_received: u64,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+}
+
+/// The worker service.
+#[tarpc::service]
+pub trait Worker {
+    /// Introduces the coordinator; returns the worker's name, slots and version.
+    async fn hello(hello: Hello) -> WorkerInfo;
+    /// Which of these binaries the worker lacks. Those it has are kept (never evicted) until
+    /// the connection closes.
+    async fn missing(digests: Vec<Digest>) -> Vec<Digest>;
+    /// Stores one chunk of a binary; the last chunk verifies the digest before the binary
+    /// becomes usable.
+    async fn upload(chunk: Chunk) -> Result<UploadProgress, UploadError>;
+    /// Runs one test in a fresh sandboxed process and returns its outcome. Cancelling the
+    /// request (or closing the connection) kills the test's process group.
+    async fn run(request: RunRequest) -> RunResponse;
+    /// Liveness: answers at once.
+    async fn ping() -> u64;
+    /// The worker's state.
+    async fn status() -> WorkerStatus;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_survive_postcard_with_failures_inside() {
+        let response = RunResponse {
+            failure: Some(Failure::Signaled { signal: 9 }),
+            duration: Duration::from_millis(5),
+            output: Output::default(),
+            leaked: vec!["sleep".into()],
+            worker: "w".into(),
+        };
+        let bytes = postcard::to_stdvec(&response).unwrap();
+        let back: RunResponse = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.failure, response.failure);
+        let digest = Digest::of(b"x");
+        assert_eq!(Digest::from_hex(&digest.to_hex()), Some(digest));
+    }
+}
