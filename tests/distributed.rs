@@ -913,6 +913,31 @@ fn local_workers_need_the_worker_binary() {
         "{}",
         run.dump()
     );
+    assert!(!run.stdout.contains("running"), "{}", run.dump());
+
+    // Found nowhere (a test binary outside any target directory, no dtf-worker on PATH): the
+    // message says how a user gets one, before the run starts.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("fixture");
+    std::fs::copy(fixture(), &copy).unwrap();
+    let run = run_bounded(
+        dtf_command(&copy)
+            .env("DTF_WORKERS", "local:1")
+            .env("PATH", "/usr/bin:/bin")
+            .arg("dist_sleep"),
+        MINUTE,
+    );
+    assert_eq!(run.code, Some(101), "{}", run.dump());
+    assert!(
+        run.stderr.contains("cargo install dtf-worker")
+            && run
+                .stderr
+                .contains("DTF_WORKER_BIN to the path of a built one")
+            && !run.stderr.contains("cargo build -p"),
+        "{}",
+        run.dump()
+    );
+    assert!(!run.stdout.contains("running"), "{}", run.dump());
 }
 
 #[test]

@@ -501,3 +501,28 @@ fn the_ports_example_passes_for_an_unprivileged_user() {
     }
     ports_example(User::Nobody);
 }
+
+#[test]
+fn full_gives_each_test_a_private_overlay_of_the_package_root() {
+    let binary = test_binary("dtf-fixture", "package_root");
+    let mark = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixture/dtf-package-root-mark");
+    let _ = std::fs::remove_file(&mark);
+    let run = run_bounded(
+        dtf_command(&binary).args(["--test-threads", "1", "--order", "name"]),
+        Duration::from_secs(60),
+    );
+    let leaked = mark.exists();
+    let _ = std::fs::remove_file(&mark);
+    assert_eq!(run.code, Some(0), "{}", run.dump());
+    assert!(
+        run.stdout.contains("test result: ok. 2 passed"),
+        "{}",
+        run.dump()
+    );
+    assert!(!leaked, "a test's write reached the source tree");
+    assert!(
+        !run.stderr.contains("share the real package root"),
+        "{}",
+        run.dump()
+    );
+}

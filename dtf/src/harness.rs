@@ -228,11 +228,29 @@ async fn run_tests(
                 "warning: isolation level `full` is not available, so its tests run at level `env`: {reason}"
             );
             defaults.full_becomes = Isolation::Env;
+        } else if let Some(root) = &defaults.cwd {
+            // Each test at level `full` writes into an overlay of the package root; where the
+            // kernel refuses overlayfs in a user namespace they share the real one.
+            if let Err(reason) = namespaces::probe_overlay(root) {
+                eprintln!(
+                    "warning: tests at level `full` share the real package root (writes there reach the source tree), \
+                     since it cannot be given a private overlay: {reason}"
+                );
+            }
         }
     }
     let plan = Plan::new(selected, &defaults);
     let exe = std::env::current_exe()
         .map_err(|e| Error::Workers(format!("cannot find this test binary: {e}")))?;
+    // `local:N` needs the worker binary: a missing one is said before `running N tests`.
+    #[cfg(feature = "distributed")]
+    if let Some(coordinator::Options {
+        workers: coordinator::WorkersSpec::Local(_),
+        ..
+    }) = &workers
+    {
+        coordinator::local::find_worker_binary(&exe).map_err(Error::Workers)?;
+    }
 
     let mut reporters = make_reporters(args, config, selected);
     let suite = suite_name(&exe);

@@ -101,7 +101,8 @@ pub fn find_worker_binary(test_binary: &Path) -> Result<PathBuf, String> {
     }
     Err(format!(
         "DTF_WORKERS=local:N needs the dtf-worker binary, and it was not found (tried: {}). \
-         Build it with `cargo build -p dtf-worker` (or install it), or set {WORKER_BIN_VAR}",
+         Install it with `cargo install dtf-worker` (from a dtf checkout: \
+         `cargo install --path dtf-worker`), or set {WORKER_BIN_VAR} to the path of a built one",
         tried.join(", ")
     ))
 }

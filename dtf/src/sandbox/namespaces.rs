@@ -11,7 +11,11 @@
 //!   and working directory, when they lie under `/tmp` (the parent creates `HOME` and `TMPDIR`
 //!   in the host's temporary directory), are bind-mounted back at the same paths, so they keep
 //!   working and the parent still finds and removes them. The rest of the filesystem is the
-//!   host's.
+//!   host's. Last, the package root (the working directory) is covered by a private overlay
+//!   (see `Overlay`): the test's writes there land on the namespace's `/tmp` and vanish with
+//!   it; the target directory, `HOME` and `TMPDIR` are bind-mounted back so writes to them go
+//!   through. Where overlayfs is refused, the test shares the real package root ([`probe_overlay`]
+//!   warns once before the run).
 //! - **network**: only `lo`, brought up.
 //! - **UTS**: the hostname is [`HOSTNAME`].
 //! - **IPC**: System V IPC objects and POSIX message queues of its own.
@@ -77,8 +81,67 @@ pub fn enter() -> Result<(), String> {
     let fault = fault_from_env()?;
     let cwd = std::env::current_dir().ok();
     let keep = dirs_to_keep(cwd.as_deref());
-    let setup = Setup::new(fault, keep, cwd);
-    setup.enter().map_err(explain)
+    let root = package_root(cwd.as_deref());
+    let setup = Setup::new(fault, keep, cwd.clone()).with_overlay(
+        root.as_deref(),
+        write_through(),
+        cwd.as_deref(),
+    );
+    match setup.enter() {
+        // The overlay is the last step: without it the test shares the real package root, as
+        // at level `env`; [`probe_overlay`] said so once before the run.
+        Err(e) if e.step == Step::Overlay => Ok(()),
+        other => other.map_err(explain),
+    }
+}
+
+/// The package root a test at level `full` gets a private overlay of: its working directory,
+/// unless that is the test's own directory (the fallback when the package root is missing).
+fn package_root(cwd: Option<&Path>) -> Option<PathBuf> {
+    let cwd = std::fs::canonicalize(cwd?).ok()?;
+    let own = ["HOME", "TMPDIR"]
+        .iter()
+        .filter_map(|var| std::env::var_os(var).map(PathBuf::from))
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .any(|p| p.parent().is_some_and(|test_dir| cwd.starts_with(test_dir)));
+    (!own && cwd != Path::new("/")).then_some(cwd)
+}
+
+/// Directories whose writes must reach the real filesystem even under the overlay: the test's
+/// `HOME` and `TMPDIR` (the parent reads and removes them) and the cargo target directory this
+/// binary runs from (found by cargo's `CACHEDIR.TAG`).
+fn write_through() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["HOME", "TMPDIR"]
+        .iter()
+        .filter_map(|var| std::env::var_os(var).map(PathBuf::from))
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    if let Some(exe) = std::env::current_exe()
+        .ok()
+        .and_then(|e| std::fs::canonicalize(e).ok())
+    {
+        if let Some(target) = exe.ancestors().find(|d| d.join("CACHEDIR.TAG").is_file()) {
+            dirs.push(target.to_path_buf());
+        }
+    }
+    dirs
+}
+
+/// Checks, before any test starts, that a test at level `full` can get a private overlay of
+/// `root`, by mounting one in a short-lived forked process. `Err` says why not: the tests then
+/// share the real package root.
+pub fn probe_overlay(root: &Path) -> Result<(), String> {
+    let root = std::fs::canonicalize(root)
+        .map_err(|e| format!("cannot resolve the package root {}: {e}", root.display()))?;
+    if Overlay::new(&root, Vec::new()).is_none() {
+        return Err(format!(
+            "the package root's path {} holds a character overlayfs options cannot carry (`,`, `:` or `\\`)",
+            root.display()
+        ));
+    }
+    let setup =
+        Setup::new(fault_from_env()?, Vec::new(), None).with_overlay(Some(&root), Vec::new(), None);
+    probe_with(&setup)
 }
 
 /// Mounts a fresh `/proc` from the first process of a new PID namespace.
@@ -99,7 +162,11 @@ pub fn explain_fork(errno: Errno) -> String {
 /// with it. Safe to call from a multi-threaded process: the forked process only makes system
 /// calls on memory allocated before the fork.
 pub fn probe() -> Result<(), String> {
-    let setup = Setup::new(fault_from_env()?, Vec::new(), None);
+    probe_with(&Setup::new(fault_from_env()?, Vec::new(), None))
+}
+
+/// Runs `setup` in a forked process and reports how it went.
+fn probe_with(setup: &Setup) -> Result<(), String> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
         .map_err(|e| format!("cannot create a pipe to check for namespaces: {e}"))?;
     // SAFETY: the forked process runs `probe_child`, which uses only system calls on memory
@@ -108,7 +175,7 @@ pub fn probe() -> Result<(), String> {
         Err(e) => Err(format!("cannot fork to check for namespaces: {e}")),
         Ok(ForkResult::Child) => {
             drop(read);
-            probe_child(&setup, &write);
+            probe_child(setup, &write);
             exit_now(0)
         }
         Ok(ForkResult::Parent { child }) => {
@@ -147,10 +214,12 @@ enum Step {
     Hostname,
     Fork,
     MountProc,
+    /// Mounting the package root's private overlay (the last step; its failure is not fatal).
+    Overlay,
 }
 
 impl Step {
-    const ALL: [Step; 11] = [
+    const ALL: [Step; 12] = [
         Step::Unshare,
         Step::Setgroups,
         Step::UidMap,
@@ -162,6 +231,7 @@ impl Step {
         Step::Hostname,
         Step::Fork,
         Step::MountProc,
+        Step::Overlay,
     ];
 
     fn code(self) -> u32 {
@@ -188,6 +258,7 @@ impl Step {
             Step::Hostname => "setting the hostname",
             Step::Fork => "starting the first process of the new PID namespace (fork)",
             Step::MountProc => "mounting a fresh /proc for the new PID namespace",
+            Step::Overlay => "mounting a private overlay (overlayfs) over the package root",
         }
     }
 }
@@ -215,6 +286,92 @@ struct Setup {
     keep: Vec<PathBuf>,
     /// The working directory to re-enter once `/tmp` is covered, when it lies under `/tmp`.
     cwd: Option<PathBuf>,
+    /// The package root's private overlay, when there is a package root to cover.
+    overlay: Option<Overlay>,
+    /// The working directory to re-enter through the overlay.
+    overlay_cwd: Option<PathBuf>,
+}
+
+/// A private overlay over the package root: the test reads the real files (the lower layer)
+/// and its writes land in an upper layer on the namespace's `/tmp` tmpfs, which vanishes with
+/// the namespace. So a test cannot change the source tree, nor what another test sees of it.
+struct Overlay {
+    /// The package root, mounted over with the overlay.
+    root: PathBuf,
+    /// `/tmp/.dtf-package-root` and its `upper` and `work` directories, created in order.
+    dirs: [String; 3],
+    /// `lowerdir=ROOT,upperdir=...,workdir=...`.
+    options: String,
+    /// Directories under the root that stay the real ones (writes go through): the target
+    /// directory (coverage profiles, `CARGO_TARGET_TMPDIR`) and the test's `HOME` and `TMPDIR`.
+    through: Vec<PathBuf>,
+}
+
+/// Where the overlay's layers live, on the namespace's own `/tmp`.
+const OVERLAY_DIR: &str = "/tmp/.dtf-package-root";
+
+impl Overlay {
+    /// The overlay of `root`; `None` when its path cannot be written in overlayfs's options
+    /// (a `,`, `:` or `\` in it), in which case the test shares the real package root.
+    fn new(root: &Path, through: Vec<PathBuf>) -> Option<Overlay> {
+        let text = root.to_str()?;
+        if text.contains([',', ':', '\\']) || !root.is_absolute() {
+            return None;
+        }
+        Some(Overlay {
+            root: root.to_path_buf(),
+            dirs: [
+                OVERLAY_DIR.to_owned(),
+                format!("{OVERLAY_DIR}/upper"),
+                format!("{OVERLAY_DIR}/work"),
+            ],
+            options: format!(
+                "lowerdir={text},upperdir={OVERLAY_DIR}/upper,workdir={OVERLAY_DIR}/work"
+            ),
+            through: through
+                .into_iter()
+                .filter(|p| p.starts_with(root) && p != root && p.is_dir())
+                .collect(),
+        })
+    }
+
+    /// Mounts it and re-enters the working directory through it. System calls only.
+    fn mount(&self, cwd: Option<&Path>) -> Result<(), Errno> {
+        for dir in &self.dirs {
+            match nix::unistd::mkdir(dir.as_str(), Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Opened before the overlay covers them; bind-mounted back through /proc/self/fd.
+        let through = self
+            .through
+            .iter()
+            .map(|path| {
+                let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+                nix::fcntl::open(path.as_path(), flags, Mode::empty()).map(|fd| (path, fd))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        mount(
+            Some("overlay"),
+            self.root.as_path(),
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(self.options.as_str()),
+        )?;
+        for (path, fd) in &through {
+            let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            mount(
+                Some(source.as_str()),
+                path.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+        }
+        // The working directory still points into the layer below: enter the overlay.
+        nix::unistd::chdir(cwd.unwrap_or(self.root.as_path()))
+    }
 }
 
 impl Setup {
@@ -234,7 +391,21 @@ impl Setup {
             fault,
             keep,
             cwd,
+            overlay: None,
+            overlay_cwd: None,
         }
+    }
+
+    /// Adds the package root's overlay (see [`Overlay`]).
+    fn with_overlay(
+        mut self,
+        root: Option<&Path>,
+        through: Vec<PathBuf>,
+        cwd: Option<&Path>,
+    ) -> Setup {
+        self.overlay = root.and_then(|root| Overlay::new(root, through));
+        self.overlay_cwd = cwd.map(Path::to_path_buf);
+        self
     }
 
     /// Creates the namespaces and sets up all but the PID namespace, whose first process does
@@ -307,6 +478,10 @@ impl Setup {
 
         loopback_up().map_err(at(Step::Loopback))?;
         nix::unistd::sethostname(HOSTNAME).map_err(at(Step::Hostname))?;
+        if let Some(overlay) = &self.overlay {
+            let cwd = self.overlay_cwd.as_deref();
+            overlay.mount(cwd).map_err(at(Step::Overlay))?;
+        }
         Ok(())
     }
 }
