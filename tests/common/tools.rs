@@ -91,7 +91,11 @@ mod tests {
             .lines()
             .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
             .count();
-        assert_eq!(lines, tools.len(), "every line has a command, a kind and a package");
+        assert_eq!(
+            lines,
+            tools.len(),
+            "every line has a command, a kind and a package"
+        );
     }
 
     #[test]
@@ -116,6 +120,9 @@ mod tests {
         assert!(find(list, "mytool", Some(dir.path().as_os_str())).is_err());
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(find(list, "mytool", Some(dir.path().as_os_str())).unwrap(), exe);
+        assert_eq!(
+            find(list, "mytool", Some(dir.path().as_os_str())).unwrap(),
+            exe
+        );
     }
 }
