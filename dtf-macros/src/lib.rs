@@ -179,15 +179,16 @@ enum DtfCrate {
     Named(syn::Ident),
 }
 
-/// The package users depend on; its library is called `dtf`.
+/// The published package; its library is called `dtf`.
 const PACKAGE: &str = "dtf-harness";
-/// The library name of [`PACKAGE`].
+/// The library's name, and the package name of a checkout's `dtf/` (path and git dependencies).
 const LIBRARY: &str = "dtf";
 
 impl DtfCrate {
     fn find() -> DtfCrate {
         use proc_macro_crate::{FoundCrate, crate_name};
-        let name = match crate_name(PACKAGE) {
+        let found = crate_name(PACKAGE).or_else(|_| crate_name(LIBRARY));
+        let name = match found {
             Ok(FoundCrate::Itself) => return DtfCrate::Itself,
             // proc-macro-crate reports an unrenamed dependency by its package name, but the
             // library is called `dtf`: `dtf-harness = "0.1"` is `dtf` in code.

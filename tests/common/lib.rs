@@ -207,6 +207,7 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+mod packaging;
 mod tools;
 mod workers;
 pub use tools::tool;
