@@ -721,6 +721,7 @@ fn a_digest_mismatch_is_rejected_and_an_unknown_test_is_a_clear_error() {
             cwd: None,
             leak_fails: false,
             spawn: Default::default(),
+            harness: Default::default(),
         };
         let digest = Digest::of(&binary);
         let response = run_on(&client, digest, spec("pass_plain")).await;
@@ -989,6 +990,7 @@ fn a_cancelled_request_kills_its_test_and_the_connection_goes_on() {
             cwd: None,
             leak_fails: false,
             spawn: Default::default(),
+            harness: Default::default(),
         };
         let started = async {
             while recorded_pids(out.path()).len() < 2 {

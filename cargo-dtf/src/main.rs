@@ -4,8 +4,10 @@
 
 #![warn(missing_docs)]
 
+mod build;
 mod cli;
 mod migrate;
+mod partition;
 mod workspace;
 
 use clap::Parser;
@@ -13,6 +15,11 @@ use clap::Parser;
 use cli::{Cli, Command};
 
 fn main() {
+    // A libtest test at level `full` (or under a memory limit) runs below a relay: this
+    // binary started again in the child role, which sets up the isolation and execs the test.
+    if let Some(spec) = dtf::sandbox::child::take_spec() {
+        dtf::sandbox::child::run(spec);
+    }
     let args = cli::normalize(std::env::args());
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,

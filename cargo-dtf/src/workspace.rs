@@ -1,13 +1,834 @@
-//! `cargo dtf run` and `cargo dtf list`: the workspace driver over dtf's engine.
+//! `cargo dtf run` and `cargo dtf list`: build, discover every test of every binary, select,
+//! plan, and hand one plan to dtf's engine.
 
-use crate::cli::{ListArgs, RunArgs};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use dtf::config::Config;
+use dtf::describe::{self, Described};
+use dtf::filter::{Filter, TestMeta};
+use dtf::history::{self, History};
+use dtf::plan::{Group, Origin, Plan, PlannedTest};
+use dtf::registry::Isolation;
+use dtf::report::{Origin as ReportOrigin, RunInfo};
+use dtf::sandbox::{Harness, Sandbox, namespaces, rundir::RunDir};
+
+use crate::build::{self, Binary, Built};
+use crate::cli::{ListArgs, RunArgs, SelectArgs};
+use crate::partition::Partition;
+
+/// How a binary runs its tests.
+#[derive(Clone, Debug)]
+enum Kind {
+    /// A dtf binary, with its tests planned by itself.
+    Dtf(Vec<Described>),
+    /// A libtest binary: `(name, ignored)`.
+    Libtest(Vec<(String, bool)>),
+}
+
+/// A test found in a binary.
+#[derive(Clone, Debug)]
+struct Candidate {
+    binary: usize,
+    name: String,
+    ignored: bool,
+    reason: Option<String>,
+    /// A dtf test's own plan.
+    described: Option<Described>,
+    /// Runs (false: reported as ignored).
+    runs: bool,
+}
+
+impl Candidate {
+    fn display(&self, binaries: &[Binary]) -> String {
+        format!("{} {}", binaries[self.binary].id, self.name)
+    }
+}
+
+/// What both subcommands do first: read the config, build, discover.
+struct Discovered {
+    workspace: build::Workspace,
+    config: Config,
+    binaries: Vec<Binary>,
+    candidates: Vec<Candidate>,
+}
+
+/// The variables cargo sets for a test binary it runs, which `cargo dtf` sets too.
+fn cargo_env(binary: &Binary) -> Vec<(String, String)> {
+    let mut vars = vec![
+        (
+            "CARGO_MANIFEST_DIR".to_owned(),
+            binary.manifest_dir.display().to_string(),
+        ),
+        ("CARGO_PKG_NAME".to_owned(), binary.package.clone()),
+        ("CARGO_PKG_VERSION".to_owned(), binary.version.clone()),
+        ("CARGO_CRATE_NAME".to_owned(), binary.name.replace('-', "_")),
+        ("CARGO_PRIMARY_PACKAGE".to_owned(), "1".to_owned()),
+    ];
+    let mut parts = binary.version.splitn(3, '.');
+    for key in ["CARGO_PKG_VERSION_MAJOR", "CARGO_PKG_VERSION_MINOR"] {
+        vars.push((key.to_owned(), parts.next().unwrap_or("0").to_owned()));
+    }
+    let patch = parts.next().unwrap_or("0");
+    let (patch, pre) = patch.split_once('-').unwrap_or((patch, ""));
+    vars.push(("CARGO_PKG_VERSION_PATCH".to_owned(), patch.to_owned()));
+    vars.push(("CARGO_PKG_VERSION_PRE".to_owned(), pre.to_owned()));
+    if let Ok(cargo) = std::env::var("CARGO") {
+        vars.push(("CARGO".to_owned(), cargo));
+    }
+    vars
+}
+
+/// Per-test flags of the run, as the variables a described dtf binary reads (they rank with
+/// the command line: above the config file's overrides).
+fn flag_env(args: &RunArgs) -> Vec<(&'static str, String)> {
+    let mut vars = Vec::new();
+    if let Some(v) = &args.timeout {
+        vars.push(("DTF_TIMEOUT", v.clone()));
+    }
+    if let Some(v) = &args.isolation {
+        vars.push(("DTF_ISOLATION", v.clone()));
+    }
+    if let Some(v) = &args.memory {
+        vars.push(("DTF_MEMORY", v.clone()));
+    }
+    if let Some(v) = &args.retries {
+        vars.push(("DTF_RETRIES", v.clone()));
+    }
+    if args.nocapture {
+        vars.push(("RUST_TEST_NOCAPTURE", "1".to_owned()));
+    }
+    vars
+}
+
+/// The run's flags as a dtf binary's command line, parsed and checked by dtf itself.
+fn engine_args(args: &RunArgs) -> Result<dtf::cli::Args, String> {
+    let mut argv: Vec<String> = vec!["cargo dtf".to_owned()];
+    let mut opt = |flag: &str, value: &Option<String>| {
+        if let Some(v) = value {
+            argv.push(flag.to_owned());
+            argv.push(v.clone());
+        }
+    };
+    opt("--test-threads", &args.test_threads);
+    opt("--workers", &args.workers);
+    opt("--isolation", &args.isolation);
+    opt("--timeout", &args.timeout);
+    opt("--memory", &args.memory);
+    opt("--retries", &args.retries);
+    opt("--slow", &args.slow);
+    opt("--order", &args.order);
+    opt("--format", &args.format);
+    opt("--color", &args.color);
+    opt("--junit", &args.junit);
+    opt("--html", &args.html);
+    for (flag, on) in [
+        ("--fail-fast", args.fail_fast),
+        ("--flaky-fails", args.flaky_fails),
+        ("--nocapture", args.nocapture),
+        ("--show-output", args.show_output),
+        ("--quiet", args.quiet),
+    ] {
+        if on {
+            argv.push(flag.to_owned());
+        }
+    }
+    use clap::Parser;
+    dtf::cli::Args::try_parse_from(argv).map_err(|e| {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("invalid arguments");
+        first.trim_start_matches("error: ").to_owned()
+    })
+}
+
+fn discover(
+    build_args: &crate::cli::BuildArgs,
+    profile: Option<&str>,
+    flag_env: &[(&'static str, String)],
+) -> Result<Result<Discovered, i32>, String> {
+    let workspace = build::metadata(build_args)?;
+    let path = Config::find(&workspace.root).or_else(|| {
+        let candidate = workspace.root.join(dtf::config::FILE);
+        candidate.is_file().then_some(candidate)
+    });
+    let config = Config::load(path.as_deref(), profile).map_err(|e| e.to_string())?;
+    // SAFETY: `cargo dtf` has started no thread yet (the runtime and the discovery threads
+    // come later).
+    unsafe {
+        config.apply_to_env();
+        if let Some(path) = &config.path {
+            std::env::set_var(dtf::config::CONFIG_VAR, path);
+        }
+        std::env::set_var(dtf::config::PROFILE_VAR, &config.profile_name);
+    }
+    let binaries = match build::build(build_args)? {
+        Built::Binaries(b) => b,
+        Built::Failed(code) => return Ok(Err(if code == 0 { 101 } else { code })),
+    };
+    let kinds = list_all(&binaries, flag_env)?;
+    let mut candidates = Vec::new();
+    for (i, kind) in kinds.into_iter().enumerate() {
+        match kind {
+            Kind::Dtf(tests) => {
+                for d in tests {
+                    candidates.push(Candidate {
+                        binary: i,
+                        name: d.name.clone(),
+                        ignored: d.ignored,
+                        reason: d.ignore_reason.clone(),
+                        described: Some(d),
+                        runs: true,
+                    });
+                }
+            }
+            Kind::Libtest(tests) => {
+                for (name, ignored) in tests {
+                    candidates.push(Candidate {
+                        binary: i,
+                        name,
+                        ignored,
+                        reason: None,
+                        described: None,
+                        runs: true,
+                    });
+                }
+            }
+        }
+    }
+    Ok(Ok(Discovered {
+        workspace,
+        config,
+        binaries,
+        candidates,
+    }))
+}
+
+/// Lists every binary's tests, a few binaries at a time.
+fn list_all(binaries: &[Binary], flag_env: &[(&'static str, String)]) -> Result<Vec<Kind>, String> {
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<Kind, String>>>> = binaries
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(binaries.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(binary) = binaries.get(i) else {
+                        return;
+                    };
+                    let result = list_one(binary, flag_env);
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Err("a binary's tests could not be listed".to_owned()))
+        })
+        .collect()
+}
+
+fn list_command(binary: &Binary, flag_env: &[(&'static str, String)]) -> Command {
+    let mut cmd = Command::new(&binary.path);
+    cmd.args(["--list", "--format", "terse"])
+        .envs(cargo_env(binary))
+        .envs(flag_env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if binary.manifest_dir.is_dir() {
+        cmd.current_dir(&binary.manifest_dir);
+    }
+    cmd
+}
+
+fn list_one(binary: &Binary, flag_env: &[(&'static str, String)]) -> Result<Kind, String> {
+    let context = describe::Context {
+        binary: binary.name.clone(),
+        binary_id: binary.id.clone(),
+        package: binary.package.clone(),
+        kind: binary.kind.clone(),
+    };
+    let context = serde_json::to_string(&context).map_err(|e| e.to_string())?;
+    let out = list_command(binary, flag_env)
+        .env(describe::DESCRIBE_VAR, context)
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run {} to list its tests: {e}",
+                binary.path.display()
+            )
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let failed = |out: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        format!(
+            "cannot list the tests of {} ({}): it exited with {}{}",
+            binary.id,
+            binary.path.display(),
+            out.status,
+            if stderr.trim().is_empty() {
+                String::new()
+            } else {
+                format!(":\n{}", escape(stderr.trim()))
+            }
+        )
+    };
+    if !out.status.success() {
+        return Err(failed(&out));
+    }
+    let mut lines = stdout.lines();
+    if stdout.starts_with(describe::HEADER) {
+        lines.next();
+        let mut tests = Vec::new();
+        for line in lines.filter(|l| !l.trim().is_empty()) {
+            let d: Described = serde_json::from_str(line)
+                .map_err(|e| format!("cannot read the test list of {}: {e}", binary.id))?;
+            tests.push(d);
+        }
+        return Ok(Kind::Dtf(tests));
+    }
+    let names = parse_terse(&stdout).map_err(|line| {
+        format!(
+            "{} ({}) does not list its tests as libtest does (`--list --format terse` printed \
+             `{}`): dtf runs binaries with libtest's harness and dtf binaries only",
+            binary.id,
+            binary.path.display(),
+            escape(line)
+        )
+    })?;
+    let ignored_out = list_command(binary, flag_env)
+        .arg("--ignored")
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run {} to list its tests: {e}",
+                binary.path.display()
+            )
+        })?;
+    if !ignored_out.status.success() {
+        return Err(failed(&ignored_out));
+    }
+    let ignored: std::collections::HashSet<String> =
+        parse_terse(&String::from_utf8_lossy(&ignored_out.stdout))
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+    Ok(Kind::Libtest(
+        names
+            .into_iter()
+            .map(|n| {
+                let i = ignored.contains(&n);
+                (n, i)
+            })
+            .collect(),
+    ))
+}
+
+/// `NAME: test` lines (benchmarks left out); the first other line is an error.
+fn parse_terse(text: &str) -> Result<Vec<String>, &str> {
+    let mut names = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(name) = line.strip_suffix(": test") {
+            names.push(name.to_owned());
+        } else if line.ends_with(": benchmark") {
+            continue;
+        } else {
+            return Err(line);
+        }
+    }
+    Ok(names)
+}
+
+/// Text from a binary, safe to print: control characters escaped.
+fn escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// Applies libtest's filters, `-E`, `--rerun-failed` and `--partition`. Returns how many were
+/// filtered out.
+fn select(
+    candidates: &mut Vec<Candidate>,
+    binaries: &[Binary],
+    select: &SelectArgs,
+    history_file: &Path,
+) -> Result<usize, String> {
+    let total = candidates.len();
+    let filters: Vec<Filter> = select
+        .filter_expr
+        .iter()
+        .map(|e| Filter::parse(e).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let partition = select
+        .partition
+        .as_deref()
+        .map(Partition::parse)
+        .transpose()?;
+    let matches = |pattern: &str, name: &str| {
+        if select.exact {
+            name == pattern
+        } else {
+            name.contains(pattern)
+        }
+    };
+    candidates.retain(|c| {
+        let b = &binaries[c.binary];
+        let meta = TestMeta {
+            name: &c.name,
+            binary: &b.name,
+            binary_id: &b.id,
+            package: &b.package,
+            kind: &b.kind,
+        };
+        (select.filters.is_empty() || select.filters.iter().any(|f| matches(f, &c.name)))
+            && !select.skip.iter().any(|s| matches(s, &c.name))
+            && (filters.is_empty() || filters.iter().any(|f| f.matches(&meta)))
+            && (!select.ignored || c.ignored)
+    });
+    for c in candidates.iter_mut() {
+        c.runs = !c.ignored || select.ignored || select.include_ignored;
+    }
+    let history = if select.rerun_failed || partition.as_ref().is_some_and(Partition::needs_history)
+    {
+        History::load(history_file).unwrap_or_else(|e| {
+            eprintln!("warning: ignoring the test history: {e}");
+            History::new()
+        })
+    } else {
+        History::new()
+    };
+    if select.rerun_failed {
+        candidates.retain(|c| {
+            history
+                .get(&c.display(binaries))
+                .is_some_and(|record| record.failed)
+        });
+    }
+    if let Some(partition) = partition {
+        let names: Vec<String> = candidates.iter().map(|c| c.display(binaries)).collect();
+        let keep = partition.select(&names, &history);
+        let mut i = 0;
+        candidates.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+    }
+    Ok(total - candidates.len())
+}
 
 /// `cargo dtf run`: returns the exit code.
-pub fn run(_args: RunArgs) -> Result<i32, String> {
-    Err("`cargo dtf run` is being built".to_owned())
+pub fn run(args: RunArgs) -> Result<i32, String> {
+    let dargs = engine_args(&args)?;
+    let repeat = match &args.repeat {
+        None => 1,
+        Some(n) => dtf::cli::parse_threads(n, "--repeat")?,
+    };
+    let no_tests = NoTests::parse(args.select.no_tests.as_deref())?;
+    let flag_env = flag_env(&args);
+    let discovered = match discover(&args.build, args.profile.as_deref(), &flag_env)? {
+        Ok(d) => d,
+        Err(code) => return Ok(code),
+    };
+    let Discovered {
+        workspace,
+        config,
+        binaries,
+        mut candidates,
+        ..
+    } = discovered;
+    check_runnable(&args, &binaries)?;
+
+    let history_dir = std::env::var_os(history::DIR_VAR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let history_file = history_file(&workspace, &binaries, history_dir.as_deref());
+    let filtered_out = select(&mut candidates, &binaries, &args.select, &history_file)?;
+    let running = candidates.iter().filter(|c| c.runs).count();
+    if running == 0 {
+        match no_tests {
+            NoTests::Fail => {
+                return Err(
+                    "no tests to run: the filters, the partition or --rerun-failed left none \
+                     (pass --no-tests=warn or --no-tests=pass to allow that)"
+                        .to_owned(),
+                );
+            }
+            NoTests::Warn => eprintln!("warning: no tests to run"),
+            NoTests::Pass => {}
+        }
+    }
+    let doctests: Vec<&String> = workspace
+        .doctest_packages
+        .iter()
+        .filter(|p| binaries.iter().any(|b| &b.package == *p && b.kind == "lib"))
+        .collect();
+    if !doctests.is_empty() {
+        eprintln!(
+            "dtf: doctests are not run by cargo dtf; run them with `cargo test --doc` ({})",
+            doctests
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    let mut settings = dtf::engine::Settings::new(
+        &dargs,
+        &workspace.root,
+        Origin::default(),
+        "cargo-dtf",
+        config.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    if args.no_fail_fast {
+        settings.fail_fast = false;
+    }
+    let workers = dtf::coordinator::Options::from_env(
+        dargs.workers.as_deref(),
+        settings.slots,
+        settings.fail_fast,
+        settings.slow,
+    )
+    .map_err(|e| e.to_string())?;
+
+    // What each test asked for, and whether namespaces are there for those at `full`.
+    let shared = Arc::new(config);
+    let defaults_for = |binary: &Binary| {
+        let mut d = settings.defaults.clone();
+        d.config = shared.clone();
+        d.origin = Origin {
+            binary: binary.name.clone(),
+            binary_id: binary.id.clone(),
+            package: binary.package.clone(),
+            kind: binary.kind.clone(),
+        };
+        d.cwd = binary
+            .manifest_dir
+            .is_dir()
+            .then(|| binary.manifest_dir.clone());
+        d.parent_env.retain(|(k, _)| !k.starts_with("CARGO_"));
+        d.parent_env.extend(cargo_env(binary));
+        d
+    };
+    let mut per_binary: Vec<dtf::plan::Defaults> = binaries.iter().map(defaults_for).collect();
+    let requested: Vec<Isolation> = candidates
+        .iter()
+        .filter(|c| c.runs)
+        .map(|c| match &c.described {
+            Some(d) => d.isolation,
+            None => per_binary[c.binary].resolve(&c.name, None).isolation,
+        })
+        .collect();
+    let mut fallback = false;
+    if workers.is_none()
+        && requested
+            .iter()
+            .any(|i| matches!(i, Isolation::Full | Isolation::FullOrEnv))
+    {
+        if let Err(reason) = namespaces::probe() {
+            let wants_fallback = settings.defaults.isolation == Isolation::FullOrEnv;
+            if requested.contains(&Isolation::Full) && !wants_fallback {
+                return Err(dtf::errors::Error::NamespacesRefused { reason }.to_string());
+            }
+            eprintln!(
+                "warning: isolation level `full` is not available, so its tests run at level `env`: {reason}"
+            );
+            fallback = true;
+            for d in &mut per_binary {
+                d.full_becomes = Isolation::Env;
+            }
+        }
+    }
+
+    let groups: Vec<Group> = shared
+        .groups
+        .iter()
+        .map(|(name, &max_threads)| Group {
+            name: name.clone(),
+            max_threads,
+        })
+        .collect();
+    let mut plan = Plan {
+        tests: Vec::new(),
+        groups: groups.clone(),
+    };
+    let mut origins = HashMap::new();
+    let mut not_running = Vec::new();
+    for c in &candidates {
+        let b = &binaries[c.binary];
+        if !c.runs {
+            let name = c.display(&binaries);
+            origins.insert(name.clone(), origin(b, &c.name));
+            not_running.push(dtf::engine::ignored(name, c.reason.clone()));
+            continue;
+        }
+        let planned = match &c.described {
+            Some(d) => {
+                let mut spec = d.spec.clone();
+                if fallback && spec.isolation == Isolation::Full {
+                    spec.isolation = Isolation::Env;
+                }
+                PlannedTest {
+                    name: String::new(),
+                    def: None,
+                    spec,
+                    retries: d.retries,
+                    binary: c.binary,
+                    threads: d.threads.max(1),
+                    group: d
+                        .group
+                        .as_ref()
+                        .and_then(|g| groups.iter().position(|known| &known.name == g)),
+                }
+            }
+            None => per_binary[c.binary].plan_foreign(
+                &c.name,
+                String::new(),
+                Harness::Libtest {
+                    ignored: c.ignored,
+                    args: args.binary_args.clone(),
+                },
+                c.binary,
+                &groups,
+            ),
+        };
+        for k in 1..=repeat {
+            let name = if repeat == 1 {
+                c.display(&binaries)
+            } else {
+                format!("{}#{k} {}", b.id, c.name)
+            };
+            let mut test = planned.clone();
+            test.name = name.clone();
+            origins.insert(name, origin(b, &c.name));
+            plan.tests.push(test);
+        }
+    }
+
+    let run_dir = RunDir::create_in(&std::env::temp_dir()).map_err(|e| e.to_string())?;
+    let relay = std::env::current_exe().ok();
+    let sandboxes: Vec<Sandbox> = binaries
+        .iter()
+        .map(|b| {
+            let sandbox = Sandbox::new(
+                b.path.clone(),
+                run_dir.path().to_path_buf(),
+                settings.keep_tmp,
+            );
+            match &relay {
+                Some(relay) => sandbox.with_relay(relay.clone()),
+                None => sandbox,
+            }
+        })
+        .collect();
+    let mut reporters = dtf::report::standard(&dtf::report::Outputs {
+        format: dargs.format(),
+        color: settings.color,
+        show_output: dargs.show_output,
+        capture: settings.defaults.capture,
+        classnames: HashMap::new(),
+        junit: settings.junit.clone(),
+        html: settings.html.clone(),
+    });
+    let info = RunInfo {
+        suite: "cargo-dtf".to_owned(),
+        total: plan.tests.len() + not_running.len(),
+        filtered_out,
+        slots: settings.slots,
+        origins,
+        ..RunInfo::default()
+    };
+    let run = dtf::engine::Run {
+        plan,
+        sandboxes,
+        info,
+        not_running,
+        order: settings.order,
+        history_file,
+        record_history: true,
+        workers,
+        local: dtf::runner::LocalOptions {
+            slots: settings.slots,
+            fail_fast: settings.fail_fast,
+            slow: settings.slow,
+        },
+        flaky_fails: dargs.flaky_fails,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runner: {e}"))?;
+    let outcome = runtime
+        .block_on(dtf::engine::execute(run, &mut reporters))
+        .map_err(|e| e.to_string())?;
+    drop(run_dir);
+    let _ = std::io::stdout().flush();
+    Ok(outcome.code)
+}
+
+/// Test functions of `harness = false` targets that dtf would not run (read from the sources
+/// by the scanner of `cargo dtf migrate`) fail the run, unless `--allow-unrunnable`.
+fn check_runnable(args: &RunArgs, binaries: &[Binary]) -> Result<(), String> {
+    let mut packages: Vec<String> = binaries.iter().map(|b| b.package.clone()).collect();
+    packages.sort();
+    packages.dedup();
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let manifest = args.build.manifest_path.as_deref().map(Path::new);
+    let found = crate::migrate::unrunnable(manifest, &packages)?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = found.iter().map(|f| format!("  {f}")).collect();
+    if args.select.allow_unrunnable {
+        eprintln!(
+            "warning: {} test function(s) of harness = false targets do not run under dtf \
+             (--allow-unrunnable):\n{}",
+            found.len(),
+            lines.join("\n")
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "{} test function(s) of harness = false targets would not run under dtf:\n{}\n\
+         help: `cargo dtf migrate` converts them; or pass --allow-unrunnable to run the rest",
+        found.len(),
+        lines.join("\n")
+    ))
+}
+
+fn origin(binary: &Binary, test: &str) -> ReportOrigin {
+    ReportOrigin {
+        binary_id: binary.id.clone(),
+        binary: binary.name.clone(),
+        package: binary.package.clone(),
+        test: test.to_owned(),
+    }
+}
+
+/// The run's history: one file for the workspace, beside the binaries' own.
+fn history_file(workspace: &build::Workspace, binaries: &[Binary], dir: Option<&Path>) -> PathBuf {
+    let exe = binaries
+        .first()
+        .map(|b| b.path.clone())
+        .unwrap_or_else(|| workspace.target_dir.join("debug/deps/cargo-dtf"));
+    history::path_for(dir, &exe, "cargo-dtf", "workspace")
+}
+
+/// `--no-tests`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoTests {
+    Fail,
+    Warn,
+    Pass,
+}
+
+impl NoTests {
+    fn parse(value: Option<&str>) -> Result<NoTests, String> {
+        match value {
+            None | Some("fail") => Ok(NoTests::Fail),
+            Some("warn") => Ok(NoTests::Warn),
+            Some("pass") => Ok(NoTests::Pass),
+            Some(other) => Err(format!(
+                "invalid --no-tests `{other}`: expected fail, warn or pass"
+            )),
+        }
+    }
 }
 
 /// `cargo dtf list`: returns the exit code.
-pub fn list(_args: ListArgs) -> Result<i32, String> {
-    Err("`cargo dtf list` is being built".to_owned())
+pub fn list(args: ListArgs) -> Result<i32, String> {
+    let discovered = match discover(&args.build, args.profile.as_deref(), &[])? {
+        Ok(d) => d,
+        Err(code) => return Ok(code),
+    };
+    let Discovered {
+        workspace,
+        binaries,
+        mut candidates,
+        ..
+    } = discovered;
+    let history_dir = std::env::var_os(history::DIR_VAR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let history_file = history_file(&workspace, &binaries, history_dir.as_deref());
+    select(&mut candidates, &binaries, &args.select, &history_file)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let format = args.format.as_deref().unwrap_or("human");
+    let mut write = || -> std::io::Result<()> {
+        match format {
+            "json" => {
+                let tests: Vec<serde_json::Value> = candidates
+                    .iter()
+                    .map(|c| {
+                        let b = &binaries[c.binary];
+                        serde_json::json!({
+                            "binary_id": b.id,
+                            "binary": b.name,
+                            "package": b.package,
+                            "kind": b.kind,
+                            "test": c.name,
+                            "ignored": c.ignored,
+                            "harness": if c.described.is_some() { "dtf" } else { "libtest" },
+                            "path": b.path,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Array(tests))?;
+            }
+            _ => {
+                for c in &candidates {
+                    writeln!(out, "{}", c.display(&binaries))?;
+                }
+            }
+        }
+        out.flush()
+    };
+    if !matches!(format, "human" | "terse" | "json") {
+        return Err(format!(
+            "invalid --format `{format}`: expected human, terse or json"
+        ));
+    }
+    let _ = write();
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terse_lists_parse_and_anything_else_is_named() {
+        assert_eq!(
+            parse_terse("a::b: test\nc: benchmark\n\nd: test\n"),
+            Ok(vec!["a::b".to_owned(), "d".to_owned()])
+        );
+        assert_eq!(parse_terse("running 3 tests\n"), Err("running 3 tests"));
+    }
 }

@@ -144,6 +144,11 @@ enum WorkerError {
 }
 
 fn main() -> ExitCode {
+    // The per-test process of a libtest binary's test is this binary started again in the
+    // child role: it runs the stages (limits, namespaces) and then execs the test binary.
+    if let Some(spec) = dtf::sandbox::child::take_spec() {
+        dtf::sandbox::child::run(spec);
+    }
     let cli = Cli::parse();
     if let Some(Command::Token { out }) = &cli.command {
         return match new_token(out.as_deref()) {

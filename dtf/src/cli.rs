@@ -72,7 +72,7 @@ impl std::str::FromStr for Order {
     long_about = None,
     disable_version_flag = true,
     after_help = "Environment: RUST_TEST_THREADS, DTF_TIMEOUT, DTF_ISOLATION, DTF_PASS_ENV, \
-                  DTF_KEEP_TMP, DTF_RETRIES, DTF_JUNIT, DTF_ORDER, DTF_HISTORY_DIR, DTF_WORKERS, \
+                  DTF_KEEP_TMP, DTF_RETRIES, DTF_JUNIT, DTF_HTML, DTF_PROFILE, DTF_CONFIG, DTF_ORDER, DTF_HISTORY_DIR, DTF_WORKERS, \
                   DTF_TOKEN. See dtf's README."
 )]
 pub struct Args {
@@ -171,6 +171,9 @@ pub struct Args {
     /// Also write a JUnit XML report to this file (DTF_JUNIT).
     #[arg(long, value_name = "PATH")]
     pub junit: Option<String>,
+    /// Also write a self-contained HTML page of the run to this file (DTF_HTML).
+    #[arg(long, value_name = "PATH")]
+    pub html: Option<String>,
     /// Print a notice for tests running longer than this (default 60s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     pub slow: Option<Duration>,

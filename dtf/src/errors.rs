@@ -34,6 +34,9 @@ pub enum Error {
         /// What the kernel said.
         reason: String,
     },
+    /// The config file cannot be used.
+    #[error("{0}")]
+    Config(crate::config::ConfigError),
     /// Distributed mode could not start.
     #[error("{0}")]
     Workers(String),

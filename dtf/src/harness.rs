@@ -2,43 +2,27 @@
 //! otherwise the parent role (parse the command line, select, plan, run, report, exit).
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 
 use crate::__private::Package;
-use crate::cli::{self, Args, Color, Format, Order};
+use crate::cli::{Args, Format};
+use crate::config;
 #[cfg(feature = "distributed")]
 use crate::coordinator;
+use crate::describe;
+use crate::engine::{self, Settings as Config};
 use crate::errors::Error;
-use crate::history::{self, History};
-use crate::order::{self, Rule};
-use crate::outcome::{Status, TestReport};
-use crate::plan::{Defaults, Plan, Selected, Selection};
-use crate::registry::{Isolation, Registry, Spawn};
-use crate::report::json::Json;
-use crate::report::junit::{self, Junit};
-use crate::report::progress::{self, Progress, Terminal};
-use crate::report::{Reporters, RunInfo, Summary, pretty::Pretty};
-use crate::runner::{self, Ending, LocalOptions};
+use crate::history;
+use crate::plan::{self, Origin, Plan, Selected, Selection};
+use crate::registry::{Isolation, Registry};
+use crate::report::{Reporters, RunInfo};
+use crate::runner::LocalOptions;
 use crate::sandbox::rundir::RunDir;
-use crate::sandbox::{Sandbox, child, env, namespaces};
+use crate::sandbox::{Sandbox, child, namespaces};
 
 /// libtest's exit code for a failed run.
-pub const EXIT_FAILED: i32 = 101;
-
-/// `DTF_SPAWN=fork|exec`: how per-test processes start.
-pub const SPAWN_VAR: &str = "DTF_SPAWN";
-
-/// Fork where there is a fork server (Linux); exec elsewhere.
-fn default_spawn() -> Spawn {
-    if cfg!(target_os = "linux") {
-        Spawn::Fork
-    } else {
-        Spawn::Exec
-    }
-}
+pub const EXIT_FAILED: i32 = engine::EXIT_FAILED;
 
 /// Runs the binary's role to the end.
 pub fn run(package: Package) -> ! {
@@ -65,6 +49,9 @@ fn parent(package: Package) -> Result<i32, Error> {
         }
     };
     let registry = Registry::collect();
+    if let Some(context) = std::env::var_os(describe::DESCRIBE_VAR) {
+        return describe(&args, package, &registry, context);
+    }
     let selection = Selection {
         filters: args.filters.clone(),
         exact: args.exact,
@@ -79,119 +66,19 @@ fn parent(package: Package) -> Result<i32, Error> {
         return Ok(0);
     }
 
-    let config = Config::new(&args, package)?;
+    let file = load_config_file(package)?;
+    let config = Config::new(
+        &args,
+        &package_root(package),
+        origin(package),
+        package.name,
+        file,
+    )?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
     runtime.block_on(run_tests(&args, &config, &selected, filtered_out))
-}
-
-/// Everything the run reads from flags and the environment, validated.
-struct Config {
-    slots: usize,
-    defaults: Defaults,
-    keep_tmp: bool,
-    slow: Duration,
-    color: bool,
-    /// `--order` / `DTF_ORDER` (libtest's `--shuffle` and `--shuffle-seed` mean random).
-    order: Order,
-    /// `--junit` / `DTF_JUNIT`.
-    junit: Option<PathBuf>,
-    /// `DTF_HISTORY_DIR`.
-    history_dir: Option<PathBuf>,
-    /// The package's name (part of the history file's name).
-    package: &'static str,
-}
-
-impl Config {
-    fn new(args: &Args, package: Package) -> Result<Config, Error> {
-        let slots = match (&args.test_threads, env_var("RUST_TEST_THREADS")) {
-            (Some(n), _) => {
-                cli::parse_threads(n, "--test-threads").map_err(|message| Error::BadFlag {
-                    flag: "--test-threads",
-                    message,
-                })?
-            }
-            (None, Some(n)) => {
-                cli::parse_threads(&n, "RUST_TEST_THREADS").map_err(|message| Error::BadEnv {
-                    var: "RUST_TEST_THREADS",
-                    value: n.clone(),
-                    message,
-                })?
-            }
-            (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
-        let isolation = match args.isolation {
-            Some(level) => level,
-            None => parse_env("DTF_ISOLATION", |s| s.parse())?.unwrap_or(Isolation::Env),
-        };
-        let timeout = match args.timeout {
-            Some(t) => Some(t),
-            None => parse_env("DTF_TIMEOUT", cli::parse_duration)?,
-        };
-        let memory = match args.memory {
-            Some(m) => Some(m),
-            None => parse_env("DTF_MEMORY", cli::parse_size)?,
-        };
-        let retries = match args.retries {
-            Some(r) => r,
-            None => parse_env("DTF_RETRIES", |s| {
-                s.parse::<u32>()
-                    .map_err(|_| "expected a whole number of retries, such as 2".to_owned())
-            })?
-            .unwrap_or(0),
-        };
-        let nocapture = args.nocapture || env_var("RUST_TEST_NOCAPTURE").is_some_and(|v| v != "0");
-        let color = match args.color {
-            Color::Always => true,
-            Color::Never => false,
-            Color::Auto => {
-                use std::io::IsTerminal;
-                std::io::stdout().is_terminal() && env_var("NO_COLOR").is_none()
-            }
-        };
-        let order = match (args.order, args.shuffle_seed) {
-            (Some(order), _) => order,
-            (None, Some(seed)) => Order::Random(Some(seed)),
-            (None, None) if args.shuffle => Order::Random(None),
-            (None, None) => parse_env("DTF_ORDER", |s| s.parse())?.unwrap_or(Order::History),
-        };
-        // The package root: the run-time CARGO_MANIFEST_DIR when the binary was started with
-        // one (cargo sets it; nextest's `--workspace-remap` points it into an extracted
-        // archive), else the compile-time one.
-        let cwd = package_root(package);
-        let spawn = parse_env(SPAWN_VAR, |s| s.parse())?.unwrap_or_else(default_spawn);
-        Ok(Config {
-            slots,
-            defaults: Defaults {
-                isolation,
-                full_becomes: Isolation::Full,
-                timeout,
-                memory,
-                retries,
-                capture: !nocapture,
-                cwd: cwd.is_dir().then_some(cwd),
-                parent_env: std::env::vars().collect(),
-                pass_env: env_var(env::PASS_ENV_VAR)
-                    .map(|v| env::parse_pass_env(&v))
-                    .unwrap_or_default(),
-                leak_fails: args.leak_fails,
-                spawn,
-            },
-            keep_tmp: env_var("DTF_KEEP_TMP").is_some_and(|v| v != "0"),
-            slow: args.slow.unwrap_or(Duration::from_secs(60)),
-            color,
-            order,
-            junit: args
-                .junit
-                .clone()
-                .or_else(|| env_var("DTF_JUNIT"))
-                .map(PathBuf::from),
-            history_dir: env_var(history::DIR_VAR).map(PathBuf::from),
-            package: package.name,
-        })
-    }
 }
 
 async fn run_tests(
@@ -205,7 +92,7 @@ async fn run_tests(
     let workers = coordinator::Options::from_env(
         args.workers.as_deref(),
         config.slots,
-        args.fail_fast,
+        config.fail_fast,
         config.slow,
     )?;
     #[cfg(not(feature = "distributed"))]
@@ -219,7 +106,8 @@ async fn run_tests(
             // `full-or-env` may, and one test at `full` (by attribute or run-wide) stops the run.
             let wants_fallback = defaults.isolation == Isolation::FullOrEnv;
             let insists = selected.iter().any(|s| {
-                s.runs && s.test.def.isolation.unwrap_or(defaults.isolation) == Isolation::Full
+                s.runs
+                    && defaults.resolve(&s.test.name, Some(s.test.def)).isolation == Isolation::Full
             });
             if insists && !wants_fallback {
                 return Err(Error::NamespacesRefused { reason });
@@ -255,163 +143,67 @@ async fn run_tests(
     let mut reporters = make_reporters(args, config, selected);
     let suite = suite_name(&exe);
     let history_file =
-        history::path_for(config.history_dir.as_deref(), &exe, config.package, &suite);
-    // The order every runner (local or distributed) starts tests in.
-    let (order, shuffle_seed) = start_order(&plan, config.order, &history_file);
-
-    let started = Instant::now();
+        history::path_for(config.history_dir.as_deref(), &exe, &config.package, &suite);
     let info = RunInfo {
         suite,
         total: selected.len(),
         filtered_out,
         slots: config.slots,
-        shuffle_seed,
+        ..RunInfo::default()
     };
-    reporters.run_started(&info);
-    let mut summary = Summary {
-        filtered_out,
-        ..Summary::default()
-    };
-    for s in selected.iter().filter(|s| !s.runs) {
-        let report = TestReport {
-            name: s.test.name.clone(),
-            status: Status::Ignored {
-                reason: s.test.def.ignore_reason.map(str::to_owned),
-            },
-            attempts: Vec::new(),
-            rerun_after_lost_worker: false,
-        };
-        reporters.test_finished(&report);
-        summary.add(&report);
-    }
+    let not_running = selected
+        .iter()
+        .filter(|s| !s.runs)
+        .map(|s| {
+            engine::ignored(
+                s.test.name.clone(),
+                s.test.def.ignore_reason.map(str::to_owned),
+            )
+        })
+        .collect();
 
     // Per-test directories live in a locked run directory: a later run removes it if this one
     // is killed before it can.
     let run_dir = RunDir::create_in(&std::env::temp_dir()).map_err(Error::TempDir)?;
     let sandbox = Sandbox::new(exe, run_dir.path().to_path_buf(), config.keep_tmp);
-    let options = LocalOptions {
-        slots: config.slots,
-        fail_fast: args.fail_fast,
-        slow: config.slow,
+    let run = engine::Run {
+        plan,
+        sandboxes: vec![sandbox],
+        info,
+        not_running,
+        order: config.order,
+        history_file,
+        // Not under cargo-nextest, which schedules tests itself and starts one process per
+        // test: there the file's read and rewrite would cost more than the test.
+        record_history: std::env::var_os("NEXTEST_EXECUTION_MODE").is_none(),
+        workers,
+        local: LocalOptions {
+            slots: config.slots,
+            fail_fast: config.fail_fast,
+            slow: config.slow,
+        },
+        flaky_fails: args.flaky_fails,
     };
-    let (reports, ending) = match &workers {
-        #[cfg(feature = "distributed")]
-        Some(workers) => {
-            let outcome = coordinator::run(&plan, order, &sandbox, workers, &mut reporters).await?;
-            summary.notes.extend(outcome.notes);
-            (outcome.reports, outcome.ending)
-        }
-        #[cfg(not(feature = "distributed"))]
-        Some(never) => match *never {},
-        None => runner::run_local(&plan, order, &sandbox, &options, &mut reporters).await,
-    };
-    for report in &reports {
-        summary.add(report);
-    }
-    summary.duration = started.elapsed();
-    reporters.run_finished(&summary);
-    record_history(&history_file, &reports);
-    Ok(match ending {
-        Ending::Interrupted(signal) => 128 + signal,
-        Ending::Completed if summary.success(args.flaky_fails) => 0,
-        Ending::Completed => EXIT_FAILED,
-    })
+    let outcome = engine::execute(run, &mut reporters).await?;
+    drop(run_dir);
+    Ok(outcome.code)
 }
 
-/// The reporters of a run: the format's own on stdout (pretty and terse with a live progress
-/// line on a terminal), plus a JUnit file with `--junit` / `DTF_JUNIT`.
+/// The reporters of a run (see [`crate::report::standard`]).
 fn make_reporters(args: &Args, config: &Config, selected: &[Selected<'_>]) -> Reporters {
-    let mut reporters = Reporters::default();
-    let format = args.format();
-    let classnames = || {
-        selected
-            .iter()
-            .map(|s| (s.test.name.clone(), s.test.def.module_path.to_owned()))
-            .collect()
-    };
-    match format {
-        Format::Pretty | Format::Terse => {
-            let terse = format == Format::Terse;
-            // Live output of `--nocapture` tests would tear the line: no progress then.
-            if progress::wanted() && config.defaults.capture {
-                let term = Terminal::new(crate::report::stdout());
-                let pretty = Pretty::new(
-                    Box::new(term.clone()),
-                    terse,
-                    config.color,
-                    args.show_output,
-                );
-                reporters.push(Box::new(pretty));
-                reporters.push(Box::new(Progress::new(term)));
-            } else {
-                let out = crate::report::stdout();
-                reporters.push(Box::new(Pretty::new(
-                    out,
-                    terse,
-                    config.color,
-                    args.show_output,
-                )));
-            }
-        }
-        Format::Json => {
-            reporters.push(Box::new(Json::new(
-                crate::report::stdout(),
-                args.show_output,
-            )));
-        }
-        Format::Junit => {
-            let sink = junit::Sink::Stdout(crate::report::stdout());
-            reporters.push(Box::new(Junit::new(sink, classnames(), args.show_output)));
-        }
-    }
-    if let Some(path) = &config.junit {
-        let sink = junit::Sink::File(path.clone());
-        reporters.push(Box::new(Junit::new(sink, classnames(), args.show_output)));
-    }
-    reporters
-}
-
-/// The order to start the plan's tests in, with the seed of a random order. The history is
-/// read only for `--order history`; when it cannot be read the run warns and goes on.
-fn start_order(
-    plan: &Plan,
-    order: Order,
-    history_file: &std::path::Path,
-) -> (Vec<usize>, Option<u64>) {
-    let names: Vec<&str> = plan.tests.iter().map(|t| t.name.as_str()).collect();
-    let (rule, seed) = match order {
-        Order::History => (Rule::History, None),
-        Order::Name => (Rule::Name, None),
-        Order::Random(seed) => {
-            let seed = seed.unwrap_or_else(order::fresh_seed);
-            (Rule::Random(seed), Some(seed))
-        }
-    };
-    let history = if rule == Rule::History && names.len() > 1 {
-        History::load(history_file).unwrap_or_else(|e| {
-            eprintln!("warning: ignoring the test history: {e}");
-            History::new()
-        })
-    } else {
-        History::new()
-    };
-    (order::order(&names, &history, rule), seed)
-}
-
-/// Adds the run's durations and outcomes to the history; a failure only warns. Not under
-/// cargo-nextest, which schedules tests itself and starts one process per test: there the
-/// file's read and rewrite would cost more than the test.
-fn record_history(history_file: &std::path::Path, reports: &[TestReport]) {
-    if std::env::var_os("NEXTEST_EXECUTION_MODE").is_some() {
-        return;
-    }
-    let entries: Vec<history::Entry> = reports
+    let classnames = selected
         .iter()
-        .filter_map(history::Entry::from_report)
+        .map(|s| (s.test.name.clone(), s.test.def.module_path.to_owned()))
         .collect();
-    if let Err(e) = History::update(history_file, &entries) {
-        eprintln!("warning: cannot record test durations: {e}");
-    }
+    crate::report::standard(&crate::report::Outputs {
+        format: args.format(),
+        color: config.color,
+        show_output: args.show_output,
+        capture: config.defaults.capture,
+        classnames,
+        junit: config.junit.clone(),
+        html: config.html.clone(),
+    })
 }
 
 /// Prints the test list as libtest does: `NAME: test` lines, then (except in terse format) a
@@ -433,6 +225,89 @@ fn list(selected: &[Selected<'_>], terse: bool) {
     let _ = write();
 }
 
+/// `cargo dtf` asks what this binary holds: every test, planned as a run with these flags
+/// would plan it, one JSON line each (see [`describe`]).
+fn describe(
+    args: &Args,
+    package: Package,
+    registry: &Registry,
+    context: std::ffi::OsString,
+) -> Result<i32, Error> {
+    let context: describe::Context = context
+        .to_str()
+        .and_then(|c| serde_json::from_str(c).ok())
+        .ok_or_else(|| Error::Workers(format!("invalid {}", describe::DESCRIBE_VAR)))?;
+    let file = load_config_file(package)?;
+    let mut config = Config::new(
+        args,
+        &package_root(package),
+        origin(package),
+        package.name,
+        file,
+    )?;
+    config.defaults.origin = Origin {
+        binary: context.binary,
+        binary_id: context.binary_id,
+        package: context.package,
+        kind: context.kind,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut write = || -> std::io::Result<()> {
+        writeln!(out, "{}", describe::HEADER)?;
+        for test in registry.tests() {
+            let resolved = config.defaults.resolve(&test.name, Some(test.def));
+            let planned = plan::plan_one(test, &config.defaults, &[]);
+            let described = describe::Described {
+                name: test.name.clone(),
+                ignored: test.def.ignore,
+                ignore_reason: test.def.ignore_reason.map(str::to_owned),
+                isolation: resolved.isolation,
+                spec: planned.spec,
+                retries: planned.retries,
+                threads: resolved.threads,
+                group: resolved.group,
+            };
+            let line = serde_json::to_string(&described).map_err(std::io::Error::other)?;
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    };
+    let _ = write();
+    Ok(0)
+}
+
+/// Reads `.config/dtf.toml` (found from the package root up to the workspace root, or
+/// `DTF_CONFIG`) with the profile `DTF_PROFILE` names, and applies its run-wide settings as
+/// `DTF_*` variables where those are not set. Runs while the process has one thread.
+fn load_config_file(package: Package) -> Result<config::Config, Error> {
+    let path = config::Config::find(std::path::Path::new(package.manifest_dir));
+    let file = config::Config::load(path.as_deref(), None).map_err(Error::Config)?;
+    // SAFETY: the parent role calls this before it starts any thread (the runtime comes later).
+    unsafe { file.apply_to_env() };
+    Ok(file)
+}
+
+/// This binary as filter expressions see it: `DESCRIBE_VAR` when `cargo dtf` says, else what
+/// cargo set at compile time.
+fn origin(package: Package) -> Origin {
+    let binary = std::env::current_exe()
+        .map(|exe| suite_name(&exe))
+        .unwrap_or_default();
+    let kind = package.kind.to_owned();
+    let binary_id = match kind.as_str() {
+        "lib" | "proc-macro" => package.name.to_owned(),
+        "test" => format!("{}::{binary}", package.name),
+        other => format!("{}::{other}/{binary}", package.name),
+    };
+    Origin {
+        binary,
+        binary_id,
+        package: package.name.to_owned(),
+        kind,
+    }
+}
+
 /// The binary's name without cargo's hash suffix: `shell-1a2b3c4d` → `shell`.
 fn suite_name(exe: &std::path::Path) -> String {
     let stem = exe
@@ -449,30 +324,13 @@ fn suite_name(exe: &std::path::Path) -> String {
 
 /// The package root a run uses: the run-time `CARGO_MANIFEST_DIR` when set and a directory,
 /// else the compile-time one.
-pub(crate) fn package_root(package: Package) -> PathBuf {
-    env_var("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
+pub(crate) fn package_root(package: Package) -> std::path::PathBuf {
+    std::env::var("CARGO_MANIFEST_DIR")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
         .filter(|dir| dir.is_dir())
-        .unwrap_or_else(|| PathBuf::from(package.manifest_dir))
-}
-
-/// A non-empty environment variable.
-fn env_var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-fn parse_env<T>(
-    var: &'static str,
-    parse: impl FnOnce(&str) -> Result<T, String>,
-) -> Result<Option<T>, Error> {
-    match env_var(var) {
-        None => Ok(None),
-        Some(value) => parse(&value).map(Some).map_err(|message| Error::BadEnv {
-            var,
-            value,
-            message,
-        }),
-    }
+        .unwrap_or_else(|| std::path::PathBuf::from(package.manifest_dir))
 }
 
 /// A build without the `distributed` feature runs every test locally, and says so when asked for

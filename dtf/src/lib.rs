@@ -22,9 +22,13 @@
 pub use dtf_macros::test;
 
 pub mod cli;
+pub mod config;
 #[cfg(feature = "distributed")]
 pub mod coordinator;
+pub mod describe;
+pub mod engine;
 pub mod errors;
+pub mod filter;
 mod harness;
 pub mod history;
 #[cfg(feature = "distributed")]
@@ -53,6 +57,13 @@ macro_rules! main {
             $crate::__private::run_main($crate::__private::Package {
                 manifest_dir: ::core::env!("CARGO_MANIFEST_DIR"),
                 name: ::core::env!("CARGO_PKG_NAME"),
+                kind: if ::core::option_env!("CARGO_BIN_NAME").is_some() {
+                    "bin"
+                } else if ::core::option_env!("CARGO_TARGET_TMPDIR").is_some() {
+                    "test"
+                } else {
+                    "lib"
+                },
             })
         }
     };
@@ -72,6 +83,9 @@ pub mod __private {
         pub manifest_dir: &'static str,
         /// `CARGO_PKG_NAME`.
         pub name: &'static str,
+        /// The target's kind as cargo's variables tell it at compile time: `bin`, `test`
+        /// (integration tests and benches) or `lib`.
+        pub kind: &'static str,
     }
 
     /// Turns what a test function returns into pass or fail, like std's `Termination`.

@@ -33,16 +33,19 @@ pub struct LocalOptions {
 }
 
 /// Runs `plan.tests` locally in the order given, reporting each test when it is done.
-/// Returns the reports of every test that ran or was stopped.
+/// `sandboxes[i]` runs the tests of binary `i` (see [`PlannedTest::binary`]). Returns the
+/// reports of every test that ran or was stopped.
+///
+/// [`PlannedTest::binary`]: crate::plan::PlannedTest::binary
 pub async fn run_local(
     plan: &Plan,
     order: Vec<usize>,
-    sandbox: &Sandbox,
+    sandboxes: &[Sandbox],
     options: &LocalOptions,
     reporters: &mut Reporters,
 ) -> (Vec<TestReport>, Ending) {
     let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
-    let mut scheduler = Scheduler::new(order, &retries);
+    let mut scheduler = Scheduler::with_limits(order, &retries, plan.limits());
     let mut running: JoinSet<(Job, Attempt)> = JoinSet::new();
     let mut jobs: HashMap<tokio::task::Id, Job> = HashMap::new();
     let mut started_at: HashMap<usize, (Instant, bool)> = HashMap::new();
@@ -50,18 +53,31 @@ pub async fn run_local(
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let mut signals = Signals::new();
     let mut ending = Ending::Completed;
+    // Slots taken by the tests running (a test may take several: `threads-required`).
+    let mut used = 0usize;
 
     loop {
-        while running.len() < options.slots {
-            let Some(job) = scheduler.next_job() else {
+        while used < options.slots {
+            // An idle pool takes a test however many slots it asks for.
+            let free = if running.is_empty() {
+                usize::MAX
+            } else {
+                options.slots - used
+            };
+            let Some(job) = scheduler.next_job_within(free) else {
                 break;
             };
+            used += scheduler.threads_of(job.test);
             let test = &plan.tests[job.test];
             if job.attempt == 1 {
                 reporters.test_started(&test.name);
             }
             started_at.insert(job.test, (Instant::now(), false));
-            let sandbox = sandbox.clone();
+            let Some(sandbox) = sandboxes.get(test.binary).cloned() else {
+                let attempt = system_failure("no sandbox for the test's binary".to_owned());
+                jobs.insert(running.spawn(async move { (job, attempt) }).id(), job);
+                continue;
+            };
             let spec = test.spec.clone();
             let task = running.spawn(async move { (job, sandbox.run(&spec).await) });
             jobs.insert(task.id(), job);
@@ -79,19 +95,14 @@ pub async fn run_local(
                     }
                     // A bug in dtf, not in the test: reported as such, and the run goes on.
                     Err(e) => match jobs.remove(&e.id()) {
-                        Some(job) => (job, Attempt {
-                            failure: Some(Failure::System {
-                                message: format!("internal error while running the test: {e}"),
-                            }),
-                            duration: Duration::ZERO,
-                            output: Default::default(),
-                            worker: None,
-                            kept_tmp: None,
-                            leaked: Vec::new(),
-                        }),
+                        Some(job) => (
+                            job,
+                            system_failure(format!("internal error while running the test: {e}")),
+                        ),
                         None => continue,
                     },
                 };
+                used = used.saturating_sub(scheduler.threads_of(job.test));
                 started_at.remove(&job.test);
                 if let Some(finished) = scheduler.record(job, attempt, false) {
                     let failed = finished.status == Status::Failed;
@@ -121,6 +132,17 @@ pub async fn run_local(
         }
     }
     (reports, ending)
+}
+
+fn system_failure(message: String) -> Attempt {
+    Attempt {
+        failure: Some(Failure::System { message }),
+        duration: Duration::ZERO,
+        output: Default::default(),
+        worker: None,
+        kept_tmp: None,
+        leaked: Vec::new(),
+    }
 }
 
 /// Stops the run: nothing more starts, running tests are killed (dropping their futures kills

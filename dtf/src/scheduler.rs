@@ -43,6 +43,28 @@ struct TestState {
     done: bool,
 }
 
+/// What bounds which test may start: the slots a test takes and the test groups.
+#[derive(Clone, Debug, Default)]
+pub struct Limits {
+    /// `threads[i]`: slots test `i` takes while it runs (`threads-required`; 1 when absent).
+    pub threads: Vec<usize>,
+    /// `group[i]`: the test group of test `i`, an index into `group_max`.
+    pub group: Vec<Option<usize>>,
+    /// The most tests of each group that run at once, across the whole run.
+    pub group_max: Vec<usize>,
+}
+
+impl Limits {
+    /// The slots test `test` takes.
+    pub fn threads_of(&self, test: usize) -> usize {
+        self.threads.get(test).copied().unwrap_or(1).max(1)
+    }
+
+    fn group_of(&self, test: usize) -> Option<usize> {
+        self.group.get(test).copied().flatten()
+    }
+}
+
 /// The queue and the bookkeeping of one run.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -51,6 +73,9 @@ pub struct Scheduler {
     in_flight: usize,
     remaining: usize,
     stopped: bool,
+    limits: Limits,
+    /// Tests of each group handed out and not yet recorded.
+    group_running: Vec<usize>,
 }
 
 impl Scheduler {
@@ -70,15 +95,47 @@ impl Scheduler {
             tests,
             in_flight: 0,
             stopped: false,
+            limits: Limits::default(),
+            group_running: Vec::new(),
         }
     }
 
-    /// The next attempt to start, if any is waiting.
+    /// As [`Scheduler::new`], with the slots each test takes and its test group.
+    pub fn with_limits(order: Vec<usize>, retries: &[u32], limits: Limits) -> Scheduler {
+        let mut scheduler = Scheduler::new(order, retries);
+        scheduler.group_running = vec![0; limits.group_max.len()];
+        scheduler.limits = limits;
+        scheduler
+    }
+
+    /// The slots test `test` takes.
+    pub fn threads_of(&self, test: usize) -> usize {
+        self.limits.threads_of(test)
+    }
+
+    /// The next attempt to start, if any is waiting (and its group has room).
     pub fn next_job(&mut self) -> Option<Job> {
-        if self.stopped {
+        self.next_job_within(usize::MAX)
+    }
+
+    /// The first waiting attempt that fits in `free` slots and whose test group has room. A
+    /// test that needs more slots than a target has at all is given to an idle target: pass
+    /// its whole size as `free` when it is idle.
+    pub fn next_job_within(&mut self, free: usize) -> Option<Job> {
+        if self.stopped || free == 0 {
             return None;
         }
-        let test = self.queue.pop_front()?;
+        let position = self.queue.iter().position(|&test| {
+            self.limits.threads_of(test) <= free
+                && self
+                    .limits
+                    .group_of(test)
+                    .is_none_or(|g| self.group_running[g] < self.limits.group_max[g])
+        })?;
+        let test = self.queue.remove(position)?;
+        if let Some(g) = self.limits.group_of(test) {
+            self.group_running[g] += 1;
+        }
         self.in_flight += 1;
         Some(Job {
             test,
@@ -86,12 +143,20 @@ impl Scheduler {
         })
     }
 
+    /// An attempt handed out is over (recorded or lost): its group has room again.
+    fn release(&mut self, test: usize) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(g) = self.limits.group_of(test) {
+            self.group_running[g] = self.group_running[g].saturating_sub(1);
+        }
+    }
+
     /// Records a finished attempt. Returns the test's final result when it is done; `None`
     /// when it was queued again (a retry, or an infrastructure failure to run elsewhere).
     /// `requeue_system` says whether an infrastructure failure may be retried (true when
     /// other workers could run it).
     pub fn record(&mut self, job: Job, attempt: Attempt, requeue_system: bool) -> Option<Finished> {
-        self.in_flight = self.in_flight.saturating_sub(1);
+        self.release(job.test);
         let state = &mut self.tests[job.test];
         if state.done {
             return None; // a late duplicate: the test was already reported
@@ -123,7 +188,7 @@ impl Scheduler {
     /// The worker running `job` was lost: requeue it first in line, or fail it when it has
     /// lost its worker [`MAX_WORKER_LOSSES`] times.
     pub fn worker_lost(&mut self, job: Job) -> Option<Finished> {
-        self.in_flight = self.in_flight.saturating_sub(1);
+        self.release(job.test);
         let state = &mut self.tests[job.test];
         if state.done {
             return None;
@@ -324,6 +389,31 @@ mod tests {
         let mut local = Scheduler::new(vec![0], &[0]);
         let job = local.next_job().unwrap();
         assert!(local.record(job, system(), false).is_some());
+    }
+
+    #[test]
+    fn groups_and_thread_counts_bound_what_starts() {
+        // Tests 0 and 1 share a group of one; test 2 takes two slots.
+        let limits = Limits {
+            threads: vec![1, 1, 2, 1],
+            group: vec![Some(0), Some(0), None, None],
+            group_max: vec![1],
+        };
+        let mut s = Scheduler::with_limits(vec![0, 1, 2, 3], &[0, 0, 0, 0], limits);
+        let a = s.next_job_within(3).unwrap();
+        assert_eq!(a.test, 0);
+        let b = s.next_job_within(2).unwrap();
+        assert_eq!(b.test, 2, "test 1 waits for its group; 2 fits in two slots");
+        assert_eq!(s.next_job_within(0), None);
+        let c = s.next_job_within(1).unwrap();
+        assert_eq!(c.test, 3);
+        assert_eq!(s.next_job_within(5), None, "the group is full");
+        assert!(s.record(a, pass(), false).is_some());
+        assert_eq!(
+            s.next_job_within(1).unwrap().test,
+            1,
+            "the group has room again"
+        );
     }
 
     #[test]

@@ -122,16 +122,20 @@ pub struct Outcome {
     pub notes: Vec<String>,
 }
 
-/// Runs `plan` on the workers `options` names, falling back to `sandbox` (local runs) when
-/// none is reachable or all are lost.
+/// Runs `plan` on the workers `options` names, falling back to `sandboxes` (local runs) when
+/// none is reachable or all are lost. `sandboxes[i]` is binary `i` of the plan: each is
+/// shipped once to each worker that lacks it.
 pub async fn run(
     plan: &Plan,
     order: Vec<usize>,
-    sandbox: &Sandbox,
+    sandboxes: &[Sandbox],
     options: &Options,
     reporters: &mut Reporters,
 ) -> Result<Outcome, Error> {
-    let binary_path = sandbox.program().to_path_buf();
+    let Some(first) = sandboxes.first() else {
+        return Err(Error::Workers("no test binary to run".to_owned()));
+    };
+    let binary_path = first.program().to_path_buf();
     let (endpoints, token, local_workers) = match &options.workers {
         WorkersSpec::Remote(addrs) => {
             let token = Token::from_env().map_err(|e| Error::Workers(e.to_string()))?;
@@ -160,7 +164,7 @@ pub async fn run(
     let outcome = run_on(
         plan,
         order,
-        sandbox,
+        sandboxes,
         options,
         reporters,
         &endpoints,
@@ -176,29 +180,42 @@ pub async fn run(
 async fn run_on(
     plan: &Plan,
     order: Vec<usize>,
-    sandbox: &Sandbox,
+    sandboxes: &[Sandbox],
     options: &Options,
     reporters: &mut Reporters,
     endpoints: &[(String, Option<String>)],
     token: Option<&Token>,
 ) -> Result<Outcome, Error> {
-    let path = sandbox.program().to_path_buf();
-    let binary = tokio::task::spawn_blocking(move || workers::Binary::read(&path))
-        .await
-        .map_err(|e| Error::Workers(format!("cannot read this test binary: {e}")))?
-        .map_err(|e| {
-            Error::Workers(format!(
-                "cannot read this test binary ({}) to ship it: {e}",
-                sandbox.program().display()
-            ))
-        })?;
-    let run_label = run_label(sandbox.program());
+    let paths: Vec<std::path::PathBuf> = sandboxes
+        .iter()
+        .map(|s| s.program().to_path_buf())
+        .collect();
+    let binaries = tokio::task::spawn_blocking(move || {
+        paths
+            .iter()
+            .map(|path| {
+                workers::Binary::read(path).map_err(|e| {
+                    format!(
+                        "cannot read the test binary {} to ship it: {e}",
+                        path.display()
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .await
+    .map_err(|e| Error::Workers(format!("cannot read the test binaries: {e}")))?
+    .map_err(Error::Workers)?;
+    let digests: Vec<protocol::Digest> = binaries.iter().map(|b| b.digest).collect();
+    let run_label = run_label(
+        &std::env::current_exe().unwrap_or_else(|_| sandboxes[0].program().to_path_buf()),
+    );
 
     let connecting = endpoints.iter().map(|(addr, name)| {
-        let binary = binary.clone();
+        let binaries = &binaries;
         let run_label = run_label.clone();
         async move {
-            let result = workers::prepare(addr, name.clone(), token, &run_label, &binary).await;
+            let result = workers::prepare(addr, name.clone(), token, &run_label, binaries).await;
             (addr.clone(), result)
         }
     });
@@ -242,7 +259,7 @@ async fn run_on(
             fail_fast: options.fail_fast,
             slow: options.slow,
         };
-        let (reports, ending) = runner::run_local(plan, order, sandbox, &local, reporters).await;
+        let (reports, ending) = runner::run_local(plan, order, sandboxes, &local, reporters).await;
         return Ok(Outcome {
             reports,
             ending,
@@ -253,9 +270,14 @@ async fn run_on(
     let shipped_to = ready.iter().filter(|r| r.shipped > 0).count();
     let shipped: u64 = ready.iter().map(|r| r.shipped).sum();
     let mut line = format!(
-        "dtf: {} worker{}; binary shipped to {shipped_to} of {} ({shipped} bytes{}), already cached on {}",
+        "dtf: {} worker{}; {} shipped to {shipped_to} of {} ({shipped} bytes{}), already cached on {}",
         ready.len(),
         if ready.len() == 1 { "" } else { "s" },
+        if binaries.len() == 1 {
+            "binary".to_owned()
+        } else {
+            format!("{} binaries", binaries.len())
+        },
         ready.len(),
         if shipped >= 1024 {
             format!(" = {}", human_bytes(shipped))
@@ -269,7 +291,7 @@ async fn run_on(
     }
     notes.push(line);
 
-    let mut dispatcher = Dispatcher::new(plan, order, sandbox, options, binary.digest, ready);
+    let mut dispatcher = Dispatcher::new(plan, order, sandboxes, options, digests, ready);
     let ending = dispatcher.run(reporters).await;
     notes.extend(dispatcher.notes());
     Ok(Outcome {
@@ -339,9 +361,9 @@ struct InFlight {
 
 struct Dispatcher<'a> {
     plan: &'a Plan,
-    sandbox: &'a Sandbox,
+    sandboxes: &'a [Sandbox],
     options: &'a Options,
-    digest: protocol::Digest,
+    digests: Vec<protocol::Digest>,
     scheduler: Scheduler,
     remotes: Vec<Remote>,
     in_flight: HashMap<u64, InFlight>,
@@ -362,9 +384,9 @@ impl<'a> Dispatcher<'a> {
     fn new(
         plan: &'a Plan,
         order: Vec<usize>,
-        sandbox: &'a Sandbox,
+        sandboxes: &'a [Sandbox],
         options: &'a Options,
-        digest: protocol::Digest,
+        digests: Vec<protocol::Digest>,
         ready: Vec<workers::Ready>,
     ) -> Dispatcher<'a> {
         let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
@@ -385,10 +407,10 @@ impl<'a> Dispatcher<'a> {
             .collect();
         Dispatcher {
             plan,
-            sandbox,
+            sandboxes,
             options,
-            digest,
-            scheduler: Scheduler::new(order, &retries),
+            digests,
+            scheduler: Scheduler::with_limits(order, &retries, plan.limits()),
             remotes,
             in_flight: HashMap::new(),
             next_id: 1,
@@ -449,13 +471,28 @@ impl<'a> Dispatcher<'a> {
             if self.options.slots == 1 && !self.in_flight.is_empty() {
                 return; // one test at a time, as --test-threads=1 asks
             }
-            let Some(any) = self.targets().find(|&t| self.load(t) < self.capacity(t)) else {
+            // The emptiest target with room takes the first test that fits in it.
+            let Some(any) = self.target_for(None) else {
                 return;
             };
-            let Some(job) = self.scheduler.next_job() else {
+            let load = self.load(any);
+            let free = if load == 0 {
+                usize::MAX
+            } else {
+                self.capacity(any) - load
+            };
+            let Some(job) = self.scheduler.next_job_within(free) else {
                 return;
             };
-            let target = self.target_for(job.test).unwrap_or(any);
+            // Unless another target fits it and has not failed it already.
+            let threads = self.scheduler.threads_of(job.test);
+            let target = self
+                .target_for(Some(job.test))
+                .filter(|&t| {
+                    let load = self.load(t);
+                    load == 0 || load + threads <= self.capacity(t)
+                })
+                .unwrap_or(any);
             self.dispatch(job, target, reporters);
         }
     }
@@ -479,11 +516,13 @@ impl<'a> Dispatcher<'a> {
         }
     }
 
+    /// Slots taken on `target` by the requests in flight there.
     fn load(&self, target: Target) -> usize {
         self.in_flight
             .values()
             .filter(|f| f.target == target)
-            .count()
+            .map(|f| self.scheduler.threads_of(f.job.test))
+            .sum()
     }
 
     fn targets(&self) -> impl Iterator<Item = Target> + '_ {
@@ -494,8 +533,8 @@ impl<'a> Dispatcher<'a> {
 
     /// The target with the most free room relative to its size, preferring workers that have
     /// not failed this test with an infrastructure failure.
-    fn target_for(&self, test: usize) -> Option<Target> {
-        let avoid = self.avoid.get(&test);
+    fn target_for(&self, test: Option<usize>) -> Option<Target> {
+        let avoid = test.and_then(|test| self.avoid.get(&test));
         self.targets()
             .filter(|&t| self.load(t) < self.capacity(t))
             .min_by_key(|&t| {
@@ -523,7 +562,7 @@ impl<'a> Dispatcher<'a> {
             Target::Remote(i) => {
                 let client = self.remotes[i].client.clone();
                 let request = RunRequest {
-                    digest: self.digest,
+                    digest: self.digests[test.binary],
                     spec: remote_spec(&test.spec),
                 };
                 let ctx = run_context(test.spec.timeout);
@@ -536,7 +575,7 @@ impl<'a> Dispatcher<'a> {
                 })
             }
             Target::Local => {
-                let sandbox = self.sandbox.clone();
+                let sandbox = self.sandboxes[test.binary].clone();
                 let spec = test.spec.clone();
                 tokio::spawn(async move {
                     let attempt = sandbox.run(&spec).await;
@@ -833,6 +872,7 @@ mod tests {
             cwd: None,
             leak_fails: false,
             spawn: Default::default(),
+            harness: Default::default(),
         };
         assert_eq!(
             remote_spec(&spec).env,

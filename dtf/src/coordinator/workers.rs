@@ -110,13 +110,13 @@ pub enum Unusable {
     Failed(String),
 }
 
-/// Connects to `addr`, authenticates, and uploads the binary if the worker lacks it.
+/// Connects to `addr`, authenticates, and uploads the binaries the worker lacks.
 pub async fn prepare(
     addr: &str,
     label: Option<String>,
     token: Option<&Token>,
     run_label: &str,
-    binary: &Binary,
+    binaries: &[Binary],
 ) -> Result<Ready, Unusable> {
     let started = Instant::now();
     let hello = Hello {
@@ -125,15 +125,20 @@ pub async fn prepare(
     let Connection { client, info, .. } = protocol::connect(addr, token, hello, CONNECT_LIMIT)
         .await
         .map_err(|e| Unusable::Unreachable(e.to_string()))?;
+    let mut digests: Vec<Digest> = binaries.iter().map(|b| b.digest).collect();
+    digests.dedup();
     let missing = client
-        .missing(protocol::context_within(CHUNK_LIMIT), vec![binary.digest])
+        .missing(protocol::context_within(CHUNK_LIMIT), digests)
         .await
         .map_err(|e| Unusable::Failed(format!("{addr}: the worker did not answer: {e}")))?;
     let mut shipped = 0;
-    if missing.contains(&binary.digest) {
-        shipped = upload(&client, addr, binary)
-            .await
-            .map_err(Unusable::Failed)?;
+    let mut sent = std::collections::HashSet::new();
+    for binary in binaries {
+        if missing.contains(&binary.digest) && sent.insert(binary.digest) {
+            shipped += upload(&client, addr, binary)
+                .await
+                .map_err(Unusable::Failed)?;
+        }
     }
     Ok(Ready {
         label: label.unwrap_or_else(|| addr.to_owned()),

@@ -13,7 +13,11 @@
 //!   final suite event, so `passed + failed + ignored` is still `test_count`;
 //! - a test that ran on a remote worker has `"dtf": { "worker": "host:port" }`;
 //! - a test that left processes running outside its process group has
-//!   `"dtf": { "leaked": ["sleep"] }` (the names of those processes, which were killed).
+//!   `"dtf": { "leaked": ["sleep"] }` (the names of those processes, which were killed);
+//! - in a run of several binaries (`cargo dtf`) every test event names its binary:
+//!   `"dtf": { "binary": "integration", "package": "my-pkg", "binary_id":
+//!   "my-pkg::integration", "test": "parses_empty_input" }`, and `name` is
+//!   `BINARY_ID TEST`.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -32,6 +36,7 @@ pub struct Json {
     out: Box<dyn Write + Send>,
     show_output: bool,
     started: HashSet<String>,
+    origins: std::collections::HashMap<String, super::Origin>,
 }
 
 impl Json {
@@ -42,6 +47,7 @@ impl Json {
             out,
             show_output,
             started: HashSet::new(),
+            origins: Default::default(),
         }
     }
 
@@ -110,6 +116,7 @@ fn attempt_json(attempt: &Attempt) -> Value {
 
 impl Reporter for Json {
     fn run_started(&mut self, info: &RunInfo) -> io::Result<()> {
+        self.origins = info.origins.clone();
         let seed = info
             .shuffle_seed
             .map(|s| format!(r#", "shuffle_seed": {s}"#))
@@ -179,6 +186,12 @@ impl Reporter for Json {
                 "ignored"
             }
         };
+        if let Some(origin) = self.origins.get(&report.name) {
+            dtf.insert("binary".into(), origin.binary.clone().into());
+            dtf.insert("package".into(), origin.package.clone().into());
+            dtf.insert("binary_id".into(), origin.binary_id.clone().into());
+            dtf.insert("test".into(), origin.test.clone().into());
+        }
         if !dtf.is_empty() {
             fields.push_str(&format!(r#", "dtf": {}"#, Value::Object(dtf)));
         }

@@ -79,34 +79,68 @@ impl Junit {
         }
         w.write_event(Event::Start(root))?;
 
-        let mut suite = BytesStart::new("testsuite");
-        suite.push_attribute(("name", clean(&self.info.suite).as_ref()));
-        for (k, v) in &counts {
-            suite.push_attribute((*k, v.as_str()));
+        // One suite per binary: this binary's, or each binary of a `cargo dtf` run.
+        let mut suites: Vec<(String, Vec<&TestReport>)> = Vec::new();
+        if self.info.origins.is_empty() {
+            suites.push((self.info.suite.clone(), self.reports.iter().collect()));
+        } else {
+            let mut by_binary: std::collections::BTreeMap<String, Vec<&TestReport>> =
+                Default::default();
+            for report in &self.reports {
+                let binary = self
+                    .info
+                    .origins
+                    .get(&report.name)
+                    .map(|o| o.binary_id.clone())
+                    .unwrap_or_else(|| self.info.suite.clone());
+                by_binary.entry(binary).or_default().push(report);
+            }
+            suites.extend(by_binary);
         }
-        suite.push_attribute(("timestamp", timestamp(self.started).as_str()));
-        suite.push_attribute(("hostname", clean(&hostname()).as_ref()));
-        w.write_event(Event::Start(suite))?;
+        let single = suites.len() == 1 && self.info.origins.is_empty();
+        for (name, mut reports) in suites {
+            let kinds: Vec<Kind> = reports.iter().map(|r| Kind::of(r)).collect();
+            let count = |kind| kinds.iter().filter(|&&k| k == kind).count().to_string();
+            let duration = if single {
+                summary.duration
+            } else {
+                reports.iter().map(|r| r.duration()).sum()
+            };
+            let counts = [
+                ("tests", kinds.len().to_string()),
+                ("failures", count(Kind::Failure)),
+                ("errors", count(Kind::Error)),
+                ("skipped", count(Kind::Skipped)),
+                ("time", time(duration)),
+            ];
+            let mut suite = BytesStart::new("testsuite");
+            suite.push_attribute(("name", clean(&name).as_ref()));
+            for (k, v) in &counts {
+                suite.push_attribute((*k, v.as_str()));
+            }
+            suite.push_attribute(("timestamp", timestamp(self.started).as_str()));
+            suite.push_attribute(("hostname", clean(&hostname()).as_ref()));
+            w.write_event(Event::Start(suite))?;
 
-        let mut props = vec![
-            ("dtf.slots", self.info.slots.to_string()),
-            ("dtf.filtered_out", summary.filtered_out.to_string()),
-        ];
-        if let Some(seed) = self.info.shuffle_seed {
-            props.push(("dtf.shuffle_seed", seed.to_string()));
-        }
-        if summary.flaky > 0 {
-            props.push(("dtf.flaky", summary.flaky.to_string()));
-        }
-        properties(&mut w, &props)?;
+            let mut props = vec![
+                ("dtf.slots", self.info.slots.to_string()),
+                ("dtf.filtered_out", summary.filtered_out.to_string()),
+            ];
+            if let Some(seed) = self.info.shuffle_seed {
+                props.push(("dtf.shuffle_seed", seed.to_string()));
+            }
+            if summary.flaky > 0 {
+                props.push(("dtf.flaky", summary.flaky.to_string()));
+            }
+            properties(&mut w, &props)?;
 
-        // By name, as libtest lists tests, whatever order they finished in.
-        let mut reports: Vec<&TestReport> = self.reports.iter().collect();
-        reports.sort_by(|a, b| a.name.cmp(&b.name));
-        for report in reports {
-            self.testcase(&mut w, report)?;
+            // By name, as libtest lists tests, whatever order they finished in.
+            reports.sort_by(|a, b| a.name.cmp(&b.name));
+            for report in reports {
+                self.testcase(&mut w, report)?;
+            }
+            w.write_event(Event::End(BytesEnd::new("testsuite")))?;
         }
-        w.write_event(Event::End(BytesEnd::new("testsuite")))?;
         w.write_event(Event::End(BytesEnd::new("testsuites")))?;
         let mut doc = w.into_inner();
         doc.push(b'\n');
@@ -115,12 +149,21 @@ impl Junit {
 
     fn testcase(&self, w: &mut Writer<Vec<u8>>, report: &TestReport) -> io::Result<()> {
         let mut tc = BytesStart::new("testcase");
-        tc.push_attribute(("name", clean(&report.name).as_ref()));
-        let classname = self
-            .classnames
-            .get(&report.name)
-            .cloned()
-            .unwrap_or_else(|| derived_classname(&self.info.suite, &report.name));
+        let origin = self.info.origins.get(&report.name);
+        let name = origin.map_or(report.name.as_str(), |o| o.test.as_str());
+        tc.push_attribute(("name", clean(name).as_ref()));
+        let classname = match origin {
+            Some(o) => self
+                .classnames
+                .get(&report.name)
+                .cloned()
+                .unwrap_or_else(|| derived_classname(&o.binary_id, &o.test)),
+            None => self
+                .classnames
+                .get(&report.name)
+                .cloned()
+                .unwrap_or_else(|| derived_classname(&self.info.suite, &report.name)),
+        };
         tc.push_attribute(("classname", clean(&classname).as_ref()));
         tc.push_attribute(("time", time(report.duration()).as_str()));
         w.write_event(Event::Start(tc))?;

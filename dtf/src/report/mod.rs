@@ -1,6 +1,7 @@
 //! Reporters: turn the run's events into libtest's pretty and terse output (and, in sibling
 //! modules, JSON and JUnit). Every reporter sees the same events in the same order.
 
+pub mod html;
 pub mod json;
 pub mod junit;
 pub mod pretty;
@@ -24,6 +25,23 @@ pub struct RunInfo {
     pub slots: usize,
     /// The seed of a random order (`--order random`), printed so the order can be replayed.
     pub shuffle_seed: Option<u64>,
+    /// In a run of several binaries (`cargo dtf`): where each test comes from, by the name
+    /// its reports carry. Empty for a single binary's run.
+    pub origins: std::collections::HashMap<String, Origin>,
+}
+
+/// Where a test of a run of several binaries comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The binary's id, as nextest spells it: `my-pkg` for a library's unit tests,
+    /// `my-pkg::integration` for `tests/integration.rs`, `my-pkg::bin/name`, ...
+    pub binary_id: String,
+    /// The binary's target name (`integration`).
+    pub binary: String,
+    /// The package's name.
+    pub package: String,
+    /// The test's own name in its binary (`module::test`).
+    pub test: String,
 }
 
 /// The counts of a finished run.
@@ -134,6 +152,78 @@ impl Reporters {
     pub fn run_finished(&mut self, summary: &Summary) {
         self.each(|r| r.run_finished(summary));
     }
+}
+
+/// Which reporters a run has.
+#[derive(Clone, Debug)]
+pub struct Outputs {
+    /// The format on stdout.
+    pub format: crate::cli::Format,
+    /// Color the pretty and terse output.
+    pub color: bool,
+    /// Show passing tests' output too.
+    pub show_output: bool,
+    /// Output is captured (no live progress line otherwise: live output would tear it).
+    pub capture: bool,
+    /// A test's module path by its report name (JUnit's `classname`).
+    pub classnames: std::collections::HashMap<String, String>,
+    /// Also a JUnit file here (`--junit` / `DTF_JUNIT`).
+    pub junit: Option<std::path::PathBuf>,
+    /// Also an HTML page here (`--html` / `DTF_HTML`).
+    pub html: Option<std::path::PathBuf>,
+}
+
+/// The reporters of a run: the format's own on stdout (pretty and terse with a live progress
+/// line on a terminal), plus a JUnit file and an HTML page when asked for.
+pub fn standard(outputs: &Outputs) -> Reporters {
+    use crate::cli::Format;
+    let mut reporters = Reporters::default();
+    match outputs.format {
+        Format::Pretty | Format::Terse => {
+            let terse = outputs.format == Format::Terse;
+            if progress::wanted() && outputs.capture {
+                let term = progress::Terminal::new(stdout());
+                let pretty = pretty::Pretty::new(
+                    Box::new(term.clone()),
+                    terse,
+                    outputs.color,
+                    outputs.show_output,
+                );
+                reporters.push(Box::new(pretty));
+                reporters.push(Box::new(progress::Progress::new(term)));
+            } else {
+                reporters.push(Box::new(pretty::Pretty::new(
+                    stdout(),
+                    terse,
+                    outputs.color,
+                    outputs.show_output,
+                )));
+            }
+        }
+        Format::Json => {
+            reporters.push(Box::new(json::Json::new(stdout(), outputs.show_output)));
+        }
+        Format::Junit => {
+            let sink = junit::Sink::Stdout(stdout());
+            reporters.push(Box::new(junit::Junit::new(
+                sink,
+                outputs.classnames.clone(),
+                outputs.show_output,
+            )));
+        }
+    }
+    if let Some(path) = &outputs.junit {
+        let sink = junit::Sink::File(path.clone());
+        reporters.push(Box::new(junit::Junit::new(
+            sink,
+            outputs.classnames.clone(),
+            outputs.show_output,
+        )));
+    }
+    if let Some(path) = &outputs.html {
+        reporters.push(Box::new(html::Html::new(path.clone())));
+    }
+    reporters
 }
 
 /// Writes text to stdout through a locked handle, returning errors instead of panicking (so a

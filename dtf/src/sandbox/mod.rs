@@ -119,12 +119,51 @@ pub struct RunSpec {
     /// How its per-test process starts: forked from the fork server, or exec'd.
     #[serde(default)]
     pub spawn: Spawn,
+    /// How the binary runs a test.
+    #[serde(default)]
+    pub harness: Harness,
+}
+
+/// Which harness a test binary was built with: how its tests are started and judged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Harness {
+    /// A dtf binary (`dtf::main!()`): re-executed as the test's per-test process, whose test
+    /// process reports the outcome over the result pipe.
+    #[default]
+    Dtf,
+    /// A binary with libtest's harness (plain `#[test]`). Its per-test process is a relay (a
+    /// dtf-owned binary: cargo-dtf, dtf-worker) that runs the stages and then execs
+    /// `BINARY --exact NAME --nocapture [--ignored] [ARGS...]` as the test process, as
+    /// cargo-nextest runs tests; the exit status judges it (0 passed, 101 failed).
+    Libtest {
+        /// Pass `--ignored` (the test is `#[ignore]` and the run includes ignored tests).
+        ignored: bool,
+        /// Extra arguments for the binary (`cargo dtf -- ARGS`).
+        args: Vec<String>,
+    },
+}
+
+impl Harness {
+    /// The arguments that run test `name` of a libtest binary.
+    pub fn libtest_args(name: &str, ignored: bool, extra: &[String]) -> Vec<String> {
+        let mut args = vec![
+            "--exact".to_owned(),
+            name.to_owned(),
+            "--nocapture".to_owned(),
+        ];
+        if ignored {
+            args.push("--ignored".to_owned());
+        }
+        args.extend(extra.iter().cloned());
+        args
+    }
 }
 
 /// Runs tests of one binary in fresh processes.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     program: PathBuf,
+    relay: Option<PathBuf>,
     tmp_root: PathBuf,
     keep_failed_tmp: bool,
     output_cap: usize,
@@ -136,6 +175,7 @@ impl Sandbox {
     pub fn new(program: PathBuf, tmp_root: PathBuf, keep_failed_tmp: bool) -> Sandbox {
         Sandbox {
             program,
+            relay: None,
             tmp_root,
             keep_failed_tmp,
             output_cap: OUTPUT_CAP,
@@ -145,6 +185,14 @@ impl Sandbox {
     /// The binary this sandbox runs.
     pub fn program(&self) -> &Path {
         &self.program
+    }
+
+    /// The per-test process of a libtest binary's tests: a binary whose `main` starts with
+    /// [`child::take_spec`] and [`child::run`] (cargo-dtf, dtf-worker). Without one, this
+    /// process's own executable is used.
+    pub fn with_relay(mut self, relay: PathBuf) -> Sandbox {
+        self.relay = Some(relay);
+        self
     }
 
     /// Runs one test to completion. Never fails: a sandbox that cannot be set up yields an
@@ -173,12 +221,30 @@ impl Sandbox {
             None
         };
 
+        // A dtf binary is its own per-test process; a libtest binary's is the relay, which
+        // execs the binary once its stages ran.
+        let (per_test, exec) = match &spec.harness {
+            Harness::Dtf => (self.program.clone(), None),
+            Harness::Libtest { ignored, args } => {
+                let relay = match &self.relay {
+                    Some(relay) => relay.clone(),
+                    None => std::env::current_exe()
+                        .map_err(|e| format!("cannot find the relay program: {e}"))?,
+                };
+                let args = Harness::libtest_args(&spec.test, *ignored, args);
+                let exec = Exec {
+                    program: self.program.clone(),
+                    args: args.into_iter().map(Into::into).collect(),
+                };
+                (relay, Some(exec))
+            }
+        };
         let child_spec = ChildSpec {
             test: spec.test.clone(),
             isolation: spec.isolation,
             memory: spec.memory,
             parent: Some(std::process::id()),
-            exec: None,
+            exec,
         };
         let child_spec = serde_json::to_string(&child_spec).map_err(|e| e.to_string())?;
         let (result_read, result_write) = result_pipe()?;
@@ -187,7 +253,7 @@ impl Sandbox {
         if isolated {
             env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
         }
-        let mut cmd = tokio::process::Command::new(&self.program);
+        let mut cmd = tokio::process::Command::new(&per_test);
         cmd.env_clear()
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .env(CHILD_VAR, child_spec)
@@ -212,7 +278,7 @@ impl Sandbox {
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
         }
 
-        let mut child = spawn_retrying(&mut cmd, &self.program)?;
+        let mut child = spawn_retrying(&mut cmd, &per_test)?;
         // The child leads its own group: its pid is the group id.
         let group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
         drop(cmd); // closes our copy of the result pipe's write end
@@ -272,6 +338,9 @@ impl Sandbox {
         } else {
             match report {
                 Some(report) => report.failure,
+                None if matches!(spec.harness, Harness::Libtest { .. }) => {
+                    libtest_failure(status, spec.memory, &output)
+                }
                 None => Some(failure_from_exit(status, spec.memory, &output)),
             }
         };
@@ -295,6 +364,42 @@ impl Sandbox {
             leaked,
         })
     }
+}
+
+/// Judges a libtest binary's run of one test by its exit status: 0 passed, 101 failed (the
+/// panic message is in its output), anything else as for a dtf test without a report.
+fn libtest_failure(status: ExitStatus, memory: Option<u64>, output: &Output) -> Option<Failure> {
+    match status.code() {
+        Some(0) => None,
+        Some(101) => match failure_from_exit(status, memory, output) {
+            limit @ Failure::MemoryLimit { .. } => Some(limit),
+            _ => Some(Failure::Panicked {
+                message: libtest_message(output),
+            }),
+        },
+        _ => Some(failure_from_exit(status, memory, output)),
+    }
+}
+
+/// The panic message a libtest test printed (`panicked at FILE:LINE:COL:` then the message),
+/// or a pointer at the output.
+fn libtest_message(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stream(Stream::Stderr)).into_owned();
+    let stdout = String::from_utf8_lossy(&output.stream(Stream::Stdout)).into_owned();
+    for text in [&stderr, &stdout] {
+        if let Some(at) = text.find("panicked at ") {
+            let mut lines = text[at..].lines();
+            lines.next();
+            let message: Vec<&str> = lines
+                .take_while(|l| !l.starts_with("note: ") && !l.starts_with("stack backtrace:"))
+                .collect();
+            let message = message.join("\n").trim().to_owned();
+            if !message.is_empty() {
+                return message;
+            }
+        }
+    }
+    "the test failed (exit code 101; see its output)".to_owned()
 }
 
 /// Explains an exit without a report.
