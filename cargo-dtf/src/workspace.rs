@@ -778,6 +778,7 @@ pub fn list(args: ListArgs) -> Result<i32, String> {
         .map(PathBuf::from);
     let history_file = history_file(&workspace, &binaries, history_dir.as_deref());
     select(&mut candidates, &binaries, &args.select, &history_file)?;
+    candidates.sort_by_cached_key(|c| c.display(&binaries));
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let format = args.format.as_deref().unwrap_or("human");

@@ -72,6 +72,11 @@ pub fn worker_binary() -> PathBuf {
     build("dtf-worker", "bin", "dtf-worker", &[])
 }
 
+/// A binary target `name` of `package`, built if needed.
+pub fn build_bin(package: &str, name: &str) -> PathBuf {
+    build(package, "bin", name, &[])
+}
+
 /// What a finished command did.
 #[derive(Debug)]
 pub struct Run {
@@ -210,6 +215,7 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 mod packaging;
 mod tools;
 mod workers;
+pub mod workspace;
 pub use tools::tool;
 pub use workers::*;
 

@@ -11,6 +11,7 @@
 mod measure;
 mod sections;
 mod workers;
+mod workspaces;
 
 use std::path::PathBuf;
 
@@ -29,6 +30,8 @@ enum Section {
     Scheduling,
     /// Worker RSS idle and under load; the coordinator's peak RSS for 10 000 tests.
     Resources,
+    /// Whole workspaces: cargo dtf against cargo test on workers and cargo nextest locally.
+    Workspace,
     /// All of the above.
     All,
 }
@@ -78,6 +81,7 @@ fn main() {
     run(Section::Shipping, sections::shipping);
     run(Section::Scheduling, sections::scheduling);
     run(Section::Resources, sections::resources);
+    run(Section::Workspace, workspaces::workspaces);
     bench.print_table();
     if let Some(path) = &args.json
         && let Err(e) = bench.write_json(path)

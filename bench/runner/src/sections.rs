@@ -60,7 +60,28 @@ impl Bench {
             .ok_or_else(|| format!("the build produced no `{name}` binary"))
     }
 
-    fn row(&mut self, section: &'static str, what: impl Into<String>, value: String, number: f64) {
+    /// Repetitions per figure.
+    pub fn reps(&self) -> usize {
+        self.reps
+    }
+
+    /// Smoke mode.
+    pub fn quick(&self) -> bool {
+        self.quick
+    }
+
+    /// The release `dtf-worker`.
+    pub fn worker_binary(&self) -> Result<PathBuf, String> {
+        self.bin("dtf-worker").map(Path::to_path_buf)
+    }
+
+    pub(crate) fn row(
+        &mut self,
+        section: &'static str,
+        what: impl Into<String>,
+        value: String,
+        number: f64,
+    ) {
         self.rows.push(Row {
             section,
             what: what.into(),
@@ -71,7 +92,7 @@ impl Bench {
         });
     }
 
-    fn target_row(
+    pub(crate) fn target_row(
         &mut self,
         section: &'static str,
         what: impl Into<String>,

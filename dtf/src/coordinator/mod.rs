@@ -186,9 +186,16 @@ async fn run_on(
     endpoints: &[(String, Option<String>)],
     token: Option<&Token>,
 ) -> Result<Outcome, Error> {
-    let paths: Vec<std::path::PathBuf> = sandboxes
+    // Only the binaries that have tests in the plan travel.
+    let used: HashSet<usize> = plan.tests.iter().map(|t| t.binary).collect();
+    let mut wanted: Vec<usize> = used.into_iter().filter(|&i| i < sandboxes.len()).collect();
+    wanted.sort_unstable();
+    if wanted.is_empty() && !sandboxes.is_empty() {
+        wanted.push(0);
+    }
+    let paths: Vec<std::path::PathBuf> = wanted
         .iter()
-        .map(|s| s.program().to_path_buf())
+        .map(|&i| sandboxes[i].program().to_path_buf())
         .collect();
     let binaries = tokio::task::spawn_blocking(move || {
         paths
@@ -206,7 +213,11 @@ async fn run_on(
     .await
     .map_err(|e| Error::Workers(format!("cannot read the test binaries: {e}")))?
     .map_err(Error::Workers)?;
-    let digests: Vec<protocol::Digest> = binaries.iter().map(|b| b.digest).collect();
+    // By the plan's binary index; a binary without tests is never asked for.
+    let mut digests: Vec<protocol::Digest> = vec![protocol::Digest::of(&[]); sandboxes.len()];
+    for (&i, binary) in wanted.iter().zip(&binaries) {
+        digests[i] = binary.digest;
+    }
     let run_label = run_label(
         &std::env::current_exe().unwrap_or_else(|_| sandboxes[0].program().to_path_buf()),
     );
