@@ -327,6 +327,9 @@ impl Sandbox {
             }
         }
         let duration = started.elapsed();
+        if matches!(spec.harness, Harness::Libtest { .. }) {
+            strip_libtest_framing(&mut output, &spec.test);
+        }
         let status = status.ok_or("the test process vanished")?;
         group.disarm();
 
@@ -364,6 +367,45 @@ impl Sandbox {
             leaked,
         })
     }
+}
+
+/// Removes what libtest prints around one test (`running 1 test`, `test NAME ... ok`,
+/// `failures:`, its own `test result:` line) from a libtest test's captured stdout, so the
+/// report shows the test's own output once, under dtf's summary.
+fn strip_libtest_framing(output: &mut Output, name: &str) {
+    let verdict = format!("test {name} ... ");
+    let listed = format!("    {name}");
+    let framing = |line: &str| {
+        let line = line.trim_end_matches('\r');
+        line == "running 1 test"
+            || line == "running 0 tests"
+            || line.starts_with(&verdict)
+            || line == "failures:"
+            || line == listed
+            || line.starts_with("test result: ")
+    };
+    for (stream, bytes) in &mut output.chunks {
+        if *stream != Stream::Stdout {
+            continue;
+        }
+        let text = String::from_utf8_lossy(bytes);
+        if !text.lines().any(framing) {
+            continue;
+        }
+        let mut kept = String::new();
+        for line in text.split_inclusive('\n') {
+            if !framing(line.trim_end_matches('\n')) {
+                kept.push_str(line);
+            }
+        }
+        let trimmed = if kept.trim().is_empty() {
+            String::new()
+        } else {
+            kept
+        };
+        *bytes = trimmed.into_bytes();
+    }
+    output.chunks.retain(|(_, bytes)| !bytes.is_empty());
 }
 
 /// Judges a libtest binary's run of one test by its exit status: 0 passed, 101 failed (the
@@ -572,5 +614,34 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_framing_goes_and_the_test_output_stays() {
+        let mut output = Output::default();
+        output.push(
+            Stream::Stdout,
+            b"\nrunning 1 test\nhello from the test\n",
+            1 << 20,
+        );
+        output.push(
+            Stream::Stderr,
+            b"thread 'a::b' panicked at x.rs:1:1:\nboom\n",
+            1 << 20,
+        );
+        output.push(
+            Stream::Stdout,
+            b"test a::b ... FAILED\n\nfailures:\n\nfailures:\n    a::b\n\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 2 filtered out; finished in 0.00s\n\n",
+            1 << 20,
+        );
+        strip_libtest_framing(&mut output, "a::b");
+        let stdout = String::from_utf8(output.stream(Stream::Stdout)).unwrap();
+        assert_eq!(stdout.trim(), "hello from the test");
+        assert_eq!(libtest_message(&output), "boom");
     }
 }
