@@ -441,6 +441,13 @@ fn select(
 
 /// `cargo dtf run`: returns the exit code.
 pub fn run(args: RunArgs) -> Result<i32, String> {
+    if args.skip_unchanged {
+        return Err(
+            "--skip-unchanged is not available in this version of cargo dtf: every \
+                    selected test runs (leave the flag out)"
+                .to_owned(),
+        );
+    }
     let dargs = engine_args(&args)?;
     let repeat = match &args.repeat {
         None => 1,
