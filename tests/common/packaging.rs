@@ -17,7 +17,13 @@ mod tests {
     fn the_published_package_builds_what_the_checkout_builds() {
         let dtf = manifest("dtf");
         let harness = manifest("dtf-harness");
-        for key in ["dependencies", "features", "lints", "target", "build-dependencies"] {
+        for key in [
+            "dependencies",
+            "features",
+            "lints",
+            "target",
+            "build-dependencies",
+        ] {
             assert_eq!(
                 dtf.get(key),
                 harness.get(key),

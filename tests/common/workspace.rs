@@ -67,7 +67,7 @@ impl Workspace {
     /// The `dtf` dependency line for a generated package.
     pub fn dtf_dependency() -> String {
         format!(
-            "dtf = {{ package = \"dtf-harness\", path = \"{}\" }}",
+            "dtf = {{ path = \"{}\" }}",
             workspace_root().join("dtf").display()
         )
     }

@@ -50,7 +50,7 @@ fn generate(
     );
     if dtf {
         manifest.push_str(&format!(
-            "dtf = {{ package = \"dtf-harness\", path = \"{}\" }}\n",
+            "dtf = {{ path = \"{}\" }}\n",
             checkout.join("dtf").display()
         ));
     }
