@@ -85,7 +85,7 @@ mod tests {
         "modules22/Cargo.toml",
         &format!(
             "[package]\nname = \"modules22\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
-             [dev-dependencies]\ndtf = {{ package = \"dtf-harness\", path = \"{dtf}\" }}\n\n\
+             [dev-dependencies]\ndtf = {{ path = \"{dtf}\" }}\n\n\
              [[test]]\nname = \"big\"\npath = \"tests/big/main.rs\"\nharness = false\n"
         ),
     );
@@ -211,7 +211,7 @@ mod nested {
         "renamed/Cargo.toml",
         &format!(
             "[package]\nname = \"renamed\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
-             [dev-dependencies]\nharnessx = {{ package = \"dtf-harness\", path = \"{dtf}\" }}\n"
+             [dev-dependencies]\nharnessx = {{ package = \"dtf\", path = \"{dtf}\" }}\n"
         ),
     );
     write(root, "renamed/src/lib.rs", "");

@@ -8,6 +8,8 @@ use toml_edit::{DocumentMut, InlineTable, Item, Table, Value};
 
 /// The package dtf's library comes in.
 pub const PACKAGE: &str = "dtf-harness";
+/// The library's name, and the package name of a checkout's `dtf/` directory.
+pub const LIBRARY: &str = "dtf";
 
 /// The packages to migrate or scan.
 pub struct Workspace {
@@ -138,7 +140,15 @@ pub fn load(manifest_path: Option<&Path>, select: &[String]) -> Result<Workspace
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|d| d["name"] == PACKAGE)
+            .filter(|d| {
+                // dtf-harness from anywhere, or a checkout's `dtf` package (path or git; the
+                // registry's `dtf` is an unrelated crate).
+                d["name"] == PACKAGE
+                    || (d["name"] == LIBRARY
+                        && d["source"]
+                            .as_str()
+                            .is_none_or(|source| source.starts_with("git+")))
+            })
             .map(|d| d["rename"].as_str().unwrap_or("dtf").replace('-', "_"))
             .collect();
         if dtf_names.is_empty() {
@@ -291,7 +301,12 @@ impl Manifest {
                 .and_then(Item::as_table_like)
                 .is_some_and(|deps| {
                     deps.iter().any(|(key, dep)| {
-                        key == PACKAGE || dep.get("package").and_then(Item::as_str) == Some(PACKAGE)
+                        let package = dep.get("package").and_then(Item::as_str);
+                        key == PACKAGE
+                            || package == Some(PACKAGE)
+                            // A checkout's `dtf` package, by path or git.
+                            || (package.unwrap_or(key) == LIBRARY
+                                && (dep.get("path").is_some() || dep.get("git").is_some()))
                     })
                 })
         });
@@ -313,20 +328,41 @@ impl Manifest {
             );
         }
         let mut dep = InlineTable::new();
-        dep.insert("package", Value::from(PACKAGE));
         match path {
             Some(path) => {
                 let path = std::fs::canonicalize(path)
                     .map_err(|e| format!("--dtf-path {}: {e}", path.display()))?;
-                if !path.join("Cargo.toml").is_file() {
-                    return Err(format!(
-                        "--dtf-path {} has no Cargo.toml: point it at the `dtf` directory of a checkout",
+                // A checkout has the library as two packages: `dtf` in dtf/ and the published
+                // `dtf-harness` in dtf-harness/. Name the one PATH holds.
+                let manifest = std::fs::read_to_string(path.join("Cargo.toml")).map_err(|e| {
+                    format!(
+                        "--dtf-path {}: cannot read its Cargo.toml ({e}): point it at the `dtf` \
+                         directory of a checkout",
                         path.display()
-                    ));
+                    )
+                })?;
+                let name = manifest
+                    .parse::<DocumentMut>()
+                    .ok()
+                    .and_then(|doc| Some(doc.get("package")?.get("name")?.as_str()?.to_owned()));
+                match name.as_deref() {
+                    Some(LIBRARY) => {}
+                    Some(PACKAGE) => {
+                        dep.insert("package", Value::from(PACKAGE));
+                    }
+                    other => {
+                        return Err(format!(
+                            "--dtf-path {} holds {}, not dtf: point it at the `dtf` directory of \
+                             a checkout",
+                            path.display(),
+                            other.map_or("no package".to_owned(), |n| format!("the package `{n}`"))
+                        ));
+                    }
                 }
                 dep.insert("path", Value::from(path.to_string_lossy().as_ref()));
             }
             None => {
+                dep.insert("package", Value::from(PACKAGE));
                 dep.insert("version", Value::from(version));
             }
         }
@@ -398,6 +434,38 @@ mod tests {
         assert!(!harness_of(&doc, TargetKind::Test, "a"));
         assert!(!harness_of(&doc, TargetKind::Lib, "p"));
         assert!(harness_of(&doc, TargetKind::Bin, "p"));
+    }
+
+    #[test]
+    fn dtf_path_names_the_package_the_checkout_directory_holds() {
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut m = manifest("[package]\nname = \"p\"\n");
+        m.add_dev_dependency(Some(&checkout.join("dtf")), "0.1.0")
+            .unwrap();
+        let (_, after) = m.changed().unwrap();
+        let doc: DocumentMut = after.parse().unwrap();
+        let dep = &doc["dev-dependencies"]["dtf"];
+        assert!(dep.get("package").is_none(), "{after}");
+        assert!(dep["path"].as_str().unwrap().ends_with("/dtf"), "{after}");
+
+        let mut m = manifest("[package]\nname = \"p\"\n");
+        m.add_dev_dependency(Some(&checkout.join("dtf-harness")), "0.1.0")
+            .unwrap();
+        let (_, after) = m.changed().unwrap();
+        assert!(after.contains("package = \"dtf-harness\""), "{after}");
+
+        let mut m = manifest("[package]\nname = \"p\"\n");
+        let err = m
+            .add_dev_dependency(Some(&checkout.join("dtf-macros")), "0.1.0")
+            .unwrap_err();
+        assert!(err.contains("the package `dtf-macros`, not dtf"), "{err}");
+
+        // A checkout's `dtf` by path counts as depending on dtf already.
+        let mut m = manifest(
+            "[package]\nname = \"p\"\n[dev-dependencies]\ndtf = { path = \"../dtf/dtf\" }\n",
+        );
+        m.add_dev_dependency(None, "0.1.0").unwrap();
+        assert!(m.changed().is_none());
     }
 
     #[test]
