@@ -58,7 +58,11 @@ async fn run_on(
     client
         .run(
             protocol::context_within(Duration::from_secs(30)),
-            RunRequest { digest, spec },
+            RunRequest {
+                digest,
+                inputs: None,
+                spec,
+            },
         )
         .await
         .expect("an answer")
@@ -998,7 +1002,7 @@ fn a_cancelled_request_kills_its_test_and_the_connection_goes_on() {
             }
         };
         tokio::select! {
-            response = client.run(ctx(), RunRequest { digest, spec }) => {
+            response = client.run(ctx(), RunRequest { digest, inputs: None, spec }) => {
                 panic!("the test ended early: {response:?}")
             }
             _ = tokio::time::timeout(MINUTE, started) => {}

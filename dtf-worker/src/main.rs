@@ -364,7 +364,24 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
             "running as root: whoever holds the token can run any code as root; prefer an unprivileged user"
         );
     }
-    let shared = service::Shared::new(name, slots, cache, run_dir.path().to_path_buf());
+    // Each test's process maps the coordinator's paths in a private mount namespace; where the
+    // kernel refuses, tests run from copies at other paths, and coordinators are told.
+    let path_mapping = match dtf::sandbox::paths::probe() {
+        Ok(()) => None,
+        Err(reason) => {
+            tracing::warn!(
+                "this worker cannot map the coordinator's paths for its tests, they run from copies at other paths: {reason}"
+            );
+            Some(reason)
+        }
+    };
+    let shared = service::Shared::new(
+        name,
+        slots,
+        cache,
+        run_dir.path().to_path_buf(),
+        path_mapping,
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(stop_on_signals(stop_tx.clone()));
     if args.exit_on_stdin_eof {

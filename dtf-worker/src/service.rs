@@ -15,13 +15,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
+use dtf::inputs::{self, Manifest, Materialized, OutputFile};
 use dtf::outcome::Failure;
 use dtf::protocol::{
-    self, Chunk, Digest, Hello, RunRequest, RunResponse, RunningTest, Token, UploadError,
-    UploadProgress, Worker, WorkerInfo, WorkerStatus,
+    self, CHUNK_SIZE, Chunk, Digest, Download, Hello, InputsReady, RunRequest, RunResponse,
+    RunningTest, Token, UploadError, UploadProgress, Worker, WorkerInfo, WorkerStatus,
 };
 use dtf::registry::Isolation;
 use dtf::sandbox::Sandbox;
+use dtf::sandbox::paths::PathMap;
 use futures::StreamExt;
 use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
@@ -40,8 +42,9 @@ const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// Requests one connection may have in flight (a coordinator keeps slots + 2 runs and a ping).
 const MAX_REQUESTS_PER_CONNECTION: usize = 1024;
 
-/// The most digests one `missing` call may ask about.
-const MAX_DIGESTS: usize = 64;
+/// The most digests one `missing` call may ask about (an input tree's files are asked about
+/// in batches of this size).
+const MAX_DIGESTS: usize = 8192;
 
 /// The longest run label kept.
 const MAX_LABEL: usize = 200;
@@ -56,6 +59,8 @@ pub struct Shared {
     pub cache: Cache,
     /// Where tests' temporary directories go.
     pub tmp_root: PathBuf,
+    /// `None` when each test's process maps the coordinator's paths; else why it cannot.
+    pub path_mapping: Option<String>,
     pool: Arc<SlotPool>,
     started: Instant,
     tests_run: AtomicU64,
@@ -72,12 +77,19 @@ struct Running {
 
 impl Shared {
     /// The worker's shared state.
-    pub fn new(name: String, slots: usize, cache: Cache, tmp_root: PathBuf) -> Arc<Shared> {
+    pub fn new(
+        name: String,
+        slots: usize,
+        cache: Cache,
+        tmp_root: PathBuf,
+        path_mapping: Option<String>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             name,
             slots,
             cache,
             tmp_root,
+            path_mapping,
             pool: SlotPool::new(slots),
             started: Instant::now(),
             tests_run: AtomicU64::new(0),
@@ -136,6 +148,12 @@ struct ConnState {
     label: String,
     pins: HashSet<Digest>,
     uploads: HashMap<Digest, crate::cache::Upload>,
+    /// Input trees built for this connection, by manifest digest.
+    trees: HashMap<Digest, Arc<Materialized>>,
+    /// Where they were built (removed when the connection closes).
+    tree_dirs: Vec<PathBuf>,
+    /// Output files listed to the coordinator, by digest, for `download`.
+    outputs: HashMap<Digest, PathBuf>,
 }
 
 impl Conn {
@@ -157,14 +175,52 @@ impl Conn {
         }
     }
 
-    /// Releases what the connection held: pins and partial uploads.
+    /// Releases what the connection held: pins, partial uploads and its input trees.
     fn close(&self) {
         let mut state = self.state();
         for digest in state.pins.drain() {
             self.shared.cache.unpin(&digest);
         }
         state.uploads.clear();
+        state.trees.clear();
+        state.outputs.clear();
+        for dir in state.tree_dirs.drain(..) {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                warn!(run = self.id, dir = %dir.display(), "cannot remove an input tree: {e}");
+            }
+        }
         self.shared.pool.forget(self.id);
+    }
+
+    /// Builds the tree of the manifest with `digest` (stored like any blob), once.
+    fn prepare_tree(&self, digest: Digest) -> Result<InputsReady, String> {
+        let cache = &self.shared.cache;
+        if let Some(tree) = self.state().trees.get(&digest) {
+            return Ok(ready(tree));
+        }
+        let path = cache
+            .use_binary(&digest)
+            .ok_or_else(|| format!("the manifest {} was not uploaded", digest.short()))?;
+        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read the manifest: {e}"))?;
+        let manifest =
+            Manifest::decode(&bytes).map_err(|e| format!("refused the manifest: {e}"))?;
+        for (blob, _) in manifest.blobs() {
+            if !self.pin(blob) {
+                return Err(format!(
+                    "the manifest names {}, which was not uploaded",
+                    blob.short()
+                ));
+            }
+        }
+        let dir = self
+            .shared
+            .tmp_root
+            .join(format!("inputs-{}-{}", self.id, digest.short()));
+        self.state().tree_dirs.push(dir.clone());
+        let tree = inputs::materialize(&manifest, |d| cache.use_binary(d), &dir)?;
+        let tree = Arc::new(tree);
+        self.state().trees.insert(digest, tree.clone());
+        Ok(ready(&tree))
     }
 
     fn upload_chunk(&self, chunk: Chunk) -> Result<UploadProgress, UploadError> {
@@ -209,6 +265,13 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
+fn ready(tree: &Materialized) -> InputsReady {
+    InputsReady {
+        files: tree.files.len() as u64,
+        bytes: 0,
+    }
+}
+
 fn system_failure(shared: &Shared, message: String) -> RunResponse {
     RunResponse {
         failure: Some(Failure::System { message }),
@@ -233,6 +296,7 @@ impl Worker for Conn {
             name: self.shared.name.clone(),
             slots: self.shared.slots as u32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            path_mapping: self.shared.path_mapping.clone(),
         }
     }
 
@@ -262,8 +326,28 @@ impl Worker for Conn {
     }
 
     async fn run(self, _: Context, request: RunRequest) -> RunResponse {
-        let RunRequest { digest, mut spec } = request;
+        let RunRequest {
+            digest,
+            inputs,
+            mut spec,
+        } = request;
         let shared = &self.shared;
+        let tree = match inputs {
+            None => None,
+            Some(manifest) => match self.state().trees.get(&manifest) {
+                Some(tree) => Some(tree.clone()),
+                None => {
+                    return system_failure(
+                        shared,
+                        format!(
+                            "the input tree {} was not prepared on worker {}",
+                            manifest.short(),
+                            shared.name
+                        ),
+                    );
+                }
+            },
+        };
         if spec.isolation == Isolation::FullOrEnv {
             spec.isolation = Isolation::Full;
         }
@@ -292,7 +376,24 @@ impl Worker for Conn {
             },
         );
         let _running = RunningGuard { shared, id };
-        let sandbox = Sandbox::new(path, shared.tmp_root.clone(), false);
+        let mut sandbox = Sandbox::new(path, shared.tmp_root.clone(), false);
+        if let Some(tree) = &tree {
+            let remap = shared.path_mapping.is_some();
+            tree.rewrite_env(&mut spec.env, remap);
+            if remap {
+                // No namespaces here: the test starts in the copy of its package root.
+                spec.cwd = spec
+                    .cwd
+                    .as_ref()
+                    .and_then(|cwd| cwd.to_str())
+                    .and_then(|cwd| tree.local_path(cwd));
+            } else {
+                sandbox = sandbox.with_paths(PathMap {
+                    binds: tree.binds(),
+                    cwd: spec.cwd.clone(),
+                });
+            }
+        }
         let attempt = sandbox.run(&spec).await;
         shared.tests_run.fetch_add(1, Ordering::Relaxed);
         match &attempt.failure {
@@ -310,6 +411,51 @@ impl Worker for Conn {
             leaked: attempt.leaked,
             worker: shared.name.clone(),
         }
+    }
+
+    async fn prepare_inputs(self, _: Context, manifest: Digest) -> Result<InputsReady, String> {
+        let result = tokio::task::block_in_place(|| self.prepare_tree(manifest));
+        match &result {
+            Ok(r) => {
+                info!(run = self.id, manifest = %manifest.short(), files = r.files, "input tree ready")
+            }
+            Err(e) => {
+                warn!(run = self.id, manifest = %manifest.short(), "input tree refused: {}", e.escape_debug())
+            }
+        }
+        result
+    }
+
+    async fn outputs(self, _: Context, manifest: Digest) -> Vec<OutputFile> {
+        let Some(tree) = self.state().trees.get(&manifest).cloned() else {
+            return Vec::new();
+        };
+        let found = tokio::task::block_in_place(|| inputs::collect_outputs(&tree));
+        let mut state = self.state();
+        found
+            .into_iter()
+            .map(|(file, local)| {
+                state.outputs.insert(file.digest, local);
+                file
+            })
+            .collect()
+    }
+
+    async fn download(self, _: Context, digest: Digest, offset: u64) -> Result<Download, String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(path) = self.state().outputs.get(&digest).cloned() else {
+            return Err(format!("{} is not an output of this run", digest.short()));
+        };
+        tokio::task::block_in_place(|| {
+            let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            file.seek(SeekFrom::Start(offset))
+                .map_err(|e| e.to_string())?;
+            let mut data = Vec::with_capacity(CHUNK_SIZE);
+            file.take(CHUNK_SIZE as u64)
+                .read_to_end(&mut data)
+                .map_err(|e| e.to_string())?;
+            Ok(Download { data })
+        })
     }
 
     async fn ping(self, _: Context) -> u64 {

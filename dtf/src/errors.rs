@@ -40,6 +40,9 @@ pub enum Error {
     /// Distributed mode could not start.
     #[error("{0}")]
     Workers(String),
+    /// The input tree of a distributed run cannot be computed (or is over its cap).
+    #[error("{0}")]
+    Inputs(#[from] crate::inputs::InputError),
     /// The directory for the tests' private directories could not be made.
     #[error("cannot prepare the tests' temporary directories: {0}")]
     TempDir(String),

@@ -78,18 +78,19 @@ fn parent(package: Package) -> Result<i32, Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    runtime.block_on(run_tests(&args, &config, &selected, filtered_out))
+    runtime.block_on(run_tests(&args, &config, package, &selected, filtered_out))
 }
 
 async fn run_tests(
     args: &Args,
     config: &Config,
+    #[cfg_attr(not(feature = "distributed"), allow(unused_variables))] package: Package,
     selected: &[Selected<'_>],
     filtered_out: usize,
 ) -> Result<i32, Error> {
     // `--workers` / `DTF_WORKERS`: run on dtf-worker services instead of locally.
     #[cfg(feature = "distributed")]
-    let workers = coordinator::Options::from_env(
+    let mut workers = coordinator::Options::from_env(
         args.workers.as_deref(),
         config.slots,
         config.fail_fast,
@@ -138,6 +139,19 @@ async fn run_tests(
     }) = &workers
     {
         coordinator::local::find_worker_binary(&exe).map_err(Error::Workers)?;
+    }
+    // A distributed run ships the binary's input tree with it.
+    #[cfg(feature = "distributed")]
+    if let Some(workers) = workers.as_mut() {
+        let sources = crate::inputs::Sources::new(
+            exe.clone(),
+            package_root(package),
+            package.out_dir.map(std::path::PathBuf::from),
+            package.target_tmpdir.map(std::path::PathBuf::from),
+        )
+        .with_env(|name| std::env::var(name).ok())?;
+        let compiled = sources.compiled_paths(std::path::Path::new(package.manifest_dir));
+        workers.inputs = Some(coordinator::Inputs { sources, compiled });
     }
 
     let mut reporters = make_reporters(args, config, selected);

@@ -64,6 +64,8 @@ macro_rules! main {
                 } else {
                     "lib"
                 },
+                out_dir: ::core::option_env!("OUT_DIR"),
+                target_tmpdir: ::core::option_env!("CARGO_TARGET_TMPDIR"),
             })
         }
     };
@@ -86,6 +88,10 @@ pub mod __private {
         /// The target's kind as cargo's variables tell it at compile time: `bin`, `test`
         /// (integration tests and benches) or `lib`.
         pub kind: &'static str,
+        /// `OUT_DIR` of the package's build script, when it has one.
+        pub out_dir: Option<&'static str>,
+        /// `CARGO_TARGET_TMPDIR` (set for integration tests).
+        pub target_tmpdir: Option<&'static str>,
     }
 
     /// Turns what a test function returns into pass or fail, like std's `Termination`.

@@ -23,7 +23,8 @@ pub mod workers;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -33,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::errors::Error;
+use crate::inputs::{self, Tree};
 use crate::outcome::{Attempt, Failure, Status, Stream, TestReport};
 use crate::plan::Plan;
 use crate::protocol::{self, RunRequest, Token, WorkerClient, human_bytes};
@@ -79,6 +81,19 @@ pub struct Options {
     pub fail_fast: bool,
     /// Notice threshold for slow tests.
     pub slow: Duration,
+    /// What travels with the binary as its input tree (none: the tests see the worker's
+    /// filesystem as it is).
+    pub inputs: Option<Inputs>,
+}
+
+/// The input tree's sources, and the paths compiled into the binary (named when a worker
+/// cannot map them).
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    /// Where the tree comes from.
+    pub sources: inputs::Sources,
+    /// `(what, path)` of paths compiled into the binary (`CARGO_MANIFEST_DIR`, `OUT_DIR`, ...).
+    pub compiled: Vec<(String, PathBuf)>,
 }
 
 impl Options {
@@ -108,6 +123,7 @@ impl Options {
             slots,
             fail_fast,
             slow,
+            inputs: None,
         }))
     }
 }
@@ -222,11 +238,36 @@ async fn run_on(
         &std::env::current_exe().unwrap_or_else(|_| sandboxes[0].program().to_path_buf()),
     );
 
+    // The input tree: computed before anything is shipped, so a tree over its cap fails the
+    // run before any test starts.
+    let tree = match &options.inputs {
+        Some(inputs) => {
+            let sources = inputs.sources.clone();
+            let tree = tokio::task::spawn_blocking(move || Tree::compute(&sources))
+                .await
+                .map_err(|e| Error::Workers(format!("cannot compute the input tree: {e}")))??;
+            for note in &tree.notes {
+                notice(&escape(note));
+            }
+            Some(Arc::new(tree))
+        }
+        None => None,
+    };
+
     let connecting = endpoints.iter().map(|(addr, name)| {
         let binaries = &binaries;
         let run_label = run_label.clone();
+        let tree = tree.clone();
         async move {
-            let result = workers::prepare(addr, name.clone(), token, &run_label, binaries).await;
+            let result = workers::prepare(
+                addr,
+                name.clone(),
+                token,
+                &run_label,
+                binaries,
+                tree.as_deref(),
+            )
+            .await;
             (addr.clone(), result)
         }
     });
@@ -301,15 +342,108 @@ async fn run_on(
         line.push_str(&format!("; left out: {}", unreachable.join(", ")));
     }
     notes.push(line);
+    if let Some(tree) = &tree {
+        notes.push(inputs_line(tree, &ready));
+        if let Some(note) = unmapped_note(&ready, options) {
+            notice(&note);
+            notes.push(format!("dtf: {note}"));
+        }
+    }
 
-    let mut dispatcher = Dispatcher::new(plan, order, sandboxes, options, digests, ready);
+    let mut dispatcher = Dispatcher::new(
+        plan,
+        order,
+        sandboxes,
+        options,
+        digests,
+        ready,
+        tree.clone(),
+    );
     let ending = dispatcher.run(reporters).await;
+    if let Some(tree) = &tree {
+        if let Some(line) = dispatcher.fetch_outputs(tree).await {
+            notes.push(line);
+        }
+    }
     notes.extend(dispatcher.notes());
     Ok(Outcome {
         reports: dispatcher.reports,
         ending,
         notes,
     })
+}
+
+/// `dtf: inputs: 3 files shipped to 1 of 2 (120 bytes), already cached on 1; 40 files (1.2 MiB)
+/// in the tree`.
+fn inputs_line(tree: &Tree, ready: &[workers::Ready]) -> String {
+    let shipped_to = ready.iter().filter(|r| r.input_bytes > 0).count();
+    let files: u64 = ready.iter().map(|r| r.input_files).sum();
+    let bytes: u64 = ready.iter().map(|r| r.input_bytes).sum();
+    let (tree_files, tree_bytes) = tree.size();
+    format!(
+        "dtf: inputs: {files} file{} shipped to {shipped_to} of {} ({bytes} bytes{}), already cached on {}; {tree_files} file{} ({}) in the tree",
+        if files == 1 { "" } else { "s" },
+        ready.len(),
+        if bytes >= 1024 {
+            format!(" = {}", human_bytes(bytes))
+        } else {
+            String::new()
+        },
+        ready.len() - shipped_to,
+        if tree_files == 1 { "" } else { "s" },
+        human_bytes(tree_bytes),
+    )
+}
+
+/// One note for the workers that cannot map paths: which compiled-in paths will not resolve
+/// there.
+fn unmapped_note(ready: &[workers::Ready], options: &Options) -> Option<String> {
+    let refusing: Vec<String> = ready
+        .iter()
+        .filter_map(|r| {
+            r.path_mapping
+                .as_ref()
+                .map(|why| format!("{} ({})", r.label, escape(why)))
+        })
+        .collect();
+    if refusing.is_empty() {
+        return None;
+    }
+    let compiled = options
+        .inputs
+        .as_ref()
+        .map(|i| {
+            i.compiled
+                .iter()
+                .map(|(what, path)| format!("{} = {}", what, path.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "note: {} cannot map this machine's paths for tests: {}. There, tests start in a copy of the \
+         package root, and CARGO_MANIFEST_DIR, the loader path and other variables holding shipped \
+         paths point into the copy; paths compiled into the binary (env!) will not resolve: {compiled}",
+        if refusing.len() == 1 {
+            "worker"
+        } else {
+            "workers"
+        },
+        refusing.join("; ")
+    ))
+}
+
+/// Text from a peer or the filesystem, safe to print.
+fn escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// `fixture (pid 42 on host)`: how workers show this run in their status.
@@ -356,6 +490,8 @@ struct Remote {
     label: String,
     client: WorkerClient,
     slots: usize,
+    /// Whether it maps this machine's paths (else tests see copies elsewhere).
+    maps_paths: bool,
     alive: bool,
     missed: u32,
     ping: Option<AbortHandle>,
@@ -375,6 +511,8 @@ struct Dispatcher<'a> {
     sandboxes: &'a [Sandbox],
     options: &'a Options,
     digests: Vec<protocol::Digest>,
+    /// The input tree of binary 0 (the binary running the run), when it travels.
+    tree: Option<Arc<Tree>>,
     scheduler: Scheduler,
     remotes: Vec<Remote>,
     in_flight: HashMap<u64, InFlight>,
@@ -399,6 +537,7 @@ impl<'a> Dispatcher<'a> {
         options: &'a Options,
         digests: Vec<protocol::Digest>,
         ready: Vec<workers::Ready>,
+        tree: Option<Arc<Tree>>,
     ) -> Dispatcher<'a> {
         let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -408,6 +547,7 @@ impl<'a> Dispatcher<'a> {
                 label: r.label,
                 client: r.client,
                 slots: r.slots,
+                maps_paths: r.path_mapping.is_none(),
                 alive: true,
                 missed: 0,
                 ping: None,
@@ -421,6 +561,7 @@ impl<'a> Dispatcher<'a> {
             sandboxes,
             options,
             digests,
+            tree,
             scheduler: Scheduler::with_limits(order, &retries, plan.limits()),
             remotes,
             in_flight: HashMap::new(),
@@ -574,6 +715,11 @@ impl<'a> Dispatcher<'a> {
                 let client = self.remotes[i].client.clone();
                 let request = RunRequest {
                     digest: self.digests[test.binary],
+                    inputs: self
+                        .tree
+                        .as_ref()
+                        .filter(|_| test.binary == 0)
+                        .map(|t| t.digest),
                     spec: remote_spec(&test.spec),
                 };
                 let ctx = run_context(test.spec.timeout);
@@ -667,6 +813,19 @@ impl<'a> Dispatcher<'a> {
                     Target::Remote(i) => {
                         self.remotes[i].ran += 1;
                         attempt.worker = Some(self.remotes[i].label.clone());
+                        if let (Some(tree), Some(_)) = (&self.tree, &attempt.failure) {
+                            let notes = missing_path_notes(
+                                tree,
+                                &attempt,
+                                self.plan.tests[job.test].spec.cwd.as_deref(),
+                                self.remotes[i].maps_paths,
+                            );
+                            for note in notes {
+                                attempt
+                                    .output
+                                    .push(Stream::Stderr, note.as_bytes(), usize::MAX);
+                            }
+                        }
                         if attempt.failure.as_ref().is_some_and(Failure::is_system) {
                             self.avoid.entry(job.test).or_default().insert(i);
                         }
@@ -771,6 +930,93 @@ impl<'a> Dispatcher<'a> {
         }
     }
 
+    /// Brings back what the tests wrote that matches the tree's output patterns, from every
+    /// worker still connected, into the same paths here. Content-addressed: a file already
+    /// here with the same content, or fetched once already, is not downloaded again. The
+    /// summary line, when anything matched.
+    async fn fetch_outputs(&mut self, tree: &Tree) -> Option<String> {
+        if tree.manifest.outputs.is_empty() {
+            return None;
+        }
+        let mut fetched: HashMap<protocol::Digest, PathBuf> = HashMap::new();
+        let (mut files, mut bytes, mut listed) = (0u64, 0u64, 0u64);
+        let mut budget: u64 = inputs::DEFAULT_MAX;
+        for remote in self.remotes.iter().filter(|r| r.alive) {
+            let Ok(list) = remote
+                .client
+                .outputs(protocol::context_within(OUTPUTS_LIMIT), tree.digest)
+                .await
+            else {
+                warn(&format!(
+                    "cannot list the outputs of worker {}",
+                    remote.label
+                ));
+                continue;
+            };
+            for file in list {
+                listed += 1;
+                let path = PathBuf::from(&file.path);
+                if !tree.is_output(&file.path) || file.size > budget {
+                    warn(&format!(
+                        "worker {} offered `{}`, which is not an output of this run; ignored",
+                        remote.label,
+                        escape(&file.path)
+                    ));
+                    continue;
+                }
+                let current = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || inputs::digest_of(&path).ok()
+                })
+                .await
+                .ok()
+                .flatten();
+                if current == Some(file.digest) {
+                    continue;
+                }
+                let result = match fetched.get(&file.digest) {
+                    Some(copy) => std::fs::copy(copy, &path)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => {
+                        let data = download(&remote.client, &file).await;
+                        match data {
+                            Ok(data) => {
+                                bytes += data.len() as u64;
+                                budget = budget.saturating_sub(data.len() as u64);
+                                write_atomically(&path, &data)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        files += 1;
+                        fetched.insert(file.digest, path);
+                    }
+                    Err(e) => warn(&format!(
+                        "cannot bring back {} from worker {}: {}",
+                        path.display(),
+                        remote.label,
+                        escape(&e)
+                    )),
+                }
+            }
+        }
+        (listed > 0).then(|| {
+            format!(
+                "dtf: outputs: {files} file{} came back ({bytes} bytes{})",
+                if files == 1 { "" } else { "s" },
+                if bytes >= 1024 {
+                    format!(" = {}", human_bytes(bytes))
+                } else {
+                    String::new()
+                }
+            )
+        })
+    }
+
     fn notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
         let per_worker: Vec<String> = self
@@ -804,6 +1050,144 @@ impl<'a> Dispatcher<'a> {
         }
         notes
     }
+}
+
+/// How long listing a worker's outputs may take.
+const OUTPUTS_LIMIT: Duration = Duration::from_secs(120);
+
+/// Downloads one output file and checks its digest.
+async fn download(client: &WorkerClient, file: &inputs::OutputFile) -> Result<Vec<u8>, String> {
+    let mut data = Vec::with_capacity(file.size.min(64 << 20) as usize);
+    while (data.len() as u64) < file.size {
+        let piece = client
+            .download(
+                protocol::context_within(Duration::from_secs(60)),
+                file.digest,
+                data.len() as u64,
+            )
+            .await
+            .map_err(|e| e.to_string())??;
+        if piece.data.is_empty() {
+            break;
+        }
+        data.extend_from_slice(&piece.data);
+    }
+    if protocol::Digest::of(&data) != file.digest {
+        return Err("what arrived does not match its digest (changed on the worker?)".to_owned());
+    }
+    Ok(data)
+}
+
+/// Writes `data` to `path` through a temporary file in the same directory and a rename.
+fn write_atomically(path: &Path, data: &[u8]) -> Result<(), String> {
+    let parent = path.parent().ok_or("no parent directory")?;
+    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| e.to_string())?;
+    tmp.write_all(data).map_err(|e| e.to_string())?;
+    tmp.persist(path).map_err(|e| e.error.to_string())?;
+    Ok(())
+}
+
+/// Notes for a failed remote attempt whose output names a path or a library that exists here
+/// but was not shipped.
+fn missing_path_notes(
+    tree: &Tree,
+    attempt: &Attempt,
+    cwd: Option<&Path>,
+    maps_paths: bool,
+) -> Vec<String> {
+    const MAX_NOTES: usize = 5;
+    let mut text = attempt
+        .failure
+        .as_ref()
+        .map(|f| f.to_string())
+        .unwrap_or_default();
+    for (_, chunk) in &attempt.output.chunks {
+        text.push('\n');
+        text.push_str(&String::from_utf8_lossy(chunk));
+    }
+    let mut notes = Vec::new();
+    // A library the loader did not find.
+    const LOADER: &str = "error while loading shared libraries: ";
+    if let Some(at) = text.find(LOADER) {
+        let name: String = text[at + LOADER.len()..]
+            .chars()
+            .take_while(|c| *c != ':' && !c.is_whitespace())
+            .collect();
+        let search = std::env::var_os("LD_LIBRARY_PATH")
+            .map(|v| std::env::split_paths(&v).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let here = search
+            .iter()
+            .chain(
+                [
+                    PathBuf::from("/lib"),
+                    PathBuf::from("/usr/lib"),
+                    PathBuf::from("/usr/local/lib"),
+                ]
+                .iter(),
+            )
+            .map(|d| d.join(&name))
+            .find(|p| p.is_file());
+        notes.push(match here {
+            Some(path) => format!(
+                "dtf: note: the library {} exists on the coordinator at {} but was not shipped: dtf ships \
+                 libraries only from the target directory and the toolchain's sysroot. Install it on the \
+                 worker, or ship its directory with DTF_INCLUDE or `[package.metadata.dtf] include`\n",
+                escape(&name),
+                path.display()
+            ),
+            None => format!(
+                "dtf: note: the library {} is missing on the worker and was not found on the coordinator either\n",
+                escape(&name)
+            ),
+        });
+    }
+    let not_found = text.contains("No such file or directory")
+        || text.contains("NotFound")
+        || text.contains("not found")
+        || matches!(attempt.failure, Some(Failure::ExitedEarly { code: 127 }));
+    if not_found {
+        // The loader's message names the binary's path on the worker: not a path to ship.
+        let text: String = text
+            .lines()
+            .filter(|l| !l.contains(LOADER) && !l.starts_with("dtf: note:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut seen = HashSet::new();
+        for word in text.split(|c: char| c.is_whitespace() || "\"'`()[]{},;".contains(c)) {
+            let word = word.trim_end_matches([':', '.']);
+            if word.len() < 2 || !(word.contains('/') || word.contains('.')) || word.contains("://")
+            {
+                continue;
+            }
+            let path = match cwd {
+                _ if word.starts_with('/') => PathBuf::from(word),
+                Some(cwd) => cwd.join(word),
+                None => continue,
+            };
+            if !seen.insert(path.clone()) || !path.exists() || tree.contains(&path) {
+                continue;
+            }
+            let shown = cwd
+                .and_then(|c| path.strip_prefix(c).ok())
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| path.display().to_string());
+            notes.push(format!(
+                "dtf: note: `{}` exists on the coordinator but was not shipped to the worker (it is ignored by \
+                 .gitignore or .ignore, excluded, or outside what dtf ships){}. To ship it, add it to \
+                 `[package.metadata.dtf] include = [\"{}\"]` in Cargo.toml, or set DTF_INCLUDE={}\n",
+                escape(&path.display().to_string()),
+                if maps_paths { "" } else { "; this worker also cannot map paths, so absolute paths do not resolve there" },
+                escape(&shown),
+                escape(&shown)
+            ));
+            if notes.len() >= MAX_NOTES {
+                break;
+            }
+        }
+    }
+    notes
 }
 
 /// Pings a worker every [`PING_EVERY`], each with a [`PING_LIMIT`] deadline, reporting each

@@ -4,9 +4,21 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
+use crate::inputs::Tree;
 use crate::protocol::{
     self, CHUNK_SIZE, Chunk, Connection, Digest, Hello, Token, UploadProgress, WorkerClient,
 };
+
+/// Digests asked about per `missing` call.
+const MISSING_BATCH: usize = 4096;
+
+/// Uploads of input files in flight per worker.
+const UPLOADS_IN_FLIGHT: usize = 16;
+
+/// How long building the input tree on a worker may take.
+const PREPARE_LIMIT: Duration = Duration::from_secs(600);
 
 /// How long connecting (TCP, then handshake and hello) may take per worker.
 pub const CONNECT_LIMIT: Duration = Duration::from_secs(3);
@@ -97,6 +109,13 @@ pub struct Ready {
     pub slots: usize,
     /// Bytes of binary sent to it (0 when it had the binary cached).
     pub shipped: u64,
+    /// Input files sent to it (the tree's manifest not counted).
+    pub input_files: u64,
+    /// Bytes of input files (and of the manifest) sent to it.
+    pub input_bytes: u64,
+    /// `None` when it maps the coordinator's paths; else why it cannot.
+    pub path_mapping: Option<String>,
+
     /// How long connecting and shipping took.
     pub setup: Duration,
 }
@@ -117,6 +136,7 @@ pub async fn prepare(
     token: Option<&Token>,
     run_label: &str,
     binaries: &[Binary],
+    tree: Option<&Tree>,
 ) -> Result<Ready, Unusable> {
     let started = Instant::now();
     let hello = Hello {
@@ -135,43 +155,132 @@ pub async fn prepare(
     let mut sent = std::collections::HashSet::new();
     for binary in binaries {
         if missing.contains(&binary.digest) && sent.insert(binary.digest) {
-            shipped += upload(&client, addr, binary)
-                .await
-                .map_err(Unusable::Failed)?;
+            shipped += upload(
+                &client,
+                addr,
+                binary.digest,
+                &binary.bytes,
+                "the test binary",
+            )
+            .await
+            .map_err(Unusable::Failed)?;
         }
     }
+    let (input_files, input_bytes) = match tree {
+        Some(tree) => ship_inputs(&client, addr, tree)
+            .await
+            .map_err(Unusable::Failed)?,
+        None => (0, 0),
+    };
     Ok(Ready {
         label: label.unwrap_or_else(|| addr.to_owned()),
         client,
         slots: (info.slots as usize).max(1),
         shipped,
+        input_files,
+        input_bytes,
+        path_mapping: info.path_mapping,
         setup: started.elapsed(),
     })
 }
 
-async fn upload(client: &WorkerClient, addr: &str, binary: &Binary) -> Result<u64, String> {
-    let total = binary.bytes.len() as u64;
+/// Ships what the worker lacks of `tree` (its files, then its manifest: find missing, then
+/// upload) and has it build the tree. Files and bytes sent.
+async fn ship_inputs(client: &WorkerClient, addr: &str, tree: &Tree) -> Result<(u64, u64), String> {
+    let mut digests: Vec<Digest> = tree.blobs.keys().copied().collect();
+    digests.push(tree.digest);
+    let mut missing = Vec::new();
+    for batch in digests.chunks(MISSING_BATCH) {
+        let answer = client
+            .missing(protocol::context_within(CHUNK_LIMIT), batch.to_vec())
+            .await
+            .map_err(|e| format!("{addr}: the worker did not answer: {e}"))?;
+        missing.extend(answer);
+    }
+    let manifest_missing = missing.contains(&tree.digest);
+    let files: Vec<(Digest, std::path::PathBuf)> = missing
+        .iter()
+        .filter_map(|d| tree.blobs.get(d).map(|(path, _)| (*d, path.clone())))
+        .collect();
+    let count = files.len() as u64;
+    let mut sent = 0u64;
+    let mut uploads = futures::stream::iter(files.into_iter().map(|(digest, path)| async move {
+        let bytes = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || std::fs::read(path)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| format!("cannot read {} to ship it: {e}", path.display()))?;
+        if Digest::of(&bytes) != digest {
+            return Err(format!(
+                "{} changed while the run started; run again",
+                path.display()
+            ));
+        }
+        upload(
+            client,
+            addr,
+            digest,
+            &bytes,
+            &format!("input file {}", path.display()),
+        )
+        .await
+    }))
+    .buffer_unordered(UPLOADS_IN_FLIGHT);
+    while let Some(result) = uploads.next().await {
+        sent += result?;
+    }
+    drop(uploads);
+    if manifest_missing {
+        sent += upload(
+            client,
+            addr,
+            tree.digest,
+            &tree.encoded,
+            "the input manifest",
+        )
+        .await?;
+    }
+    client
+        .prepare_inputs(protocol::context_within(PREPARE_LIMIT), tree.digest)
+        .await
+        .map_err(|e| format!("{addr}: the worker did not build the input tree: {e}"))?
+        .map_err(|e| format!("{addr}: the worker cannot build the input tree: {e}"))?;
+    Ok((count, sent))
+}
+
+/// Uploads `bytes` (named `what` in messages) in chunks; the bytes sent.
+async fn upload(
+    client: &WorkerClient,
+    addr: &str,
+    digest: Digest,
+    bytes: &[u8],
+    what: &str,
+) -> Result<u64, String> {
+    let total = bytes.len() as u64;
     let mut offset = 0usize;
     loop {
-        let end = (offset + CHUNK_SIZE).min(binary.bytes.len());
+        let end = (offset + CHUNK_SIZE).min(bytes.len());
         let chunk = Chunk {
-            digest: binary.digest,
+            digest,
             total,
             offset: offset as u64,
-            data: binary.bytes[offset..end].to_vec(),
+            data: bytes[offset..end].to_vec(),
         };
         let progress = client
             .upload(protocol::context_within(CHUNK_LIMIT), chunk)
             .await
-            .map_err(|e| format!("{addr}: uploading the test binary failed: {e}"))?
-            .map_err(|e| format!("{addr}: the worker refused the test binary: {e}"))?;
+            .map_err(|e| format!("{addr}: uploading {what} failed: {e}"))?
+            .map_err(|e| format!("{addr}: the worker refused {what}: {e}"))?;
         offset = end;
         match progress {
             UploadProgress::Stored => return Ok(total),
-            UploadProgress::Partial(_) if offset < binary.bytes.len() => {}
+            UploadProgress::Partial(_) if offset < bytes.len() => {}
             UploadProgress::Partial(received) => {
                 return Err(format!(
-                    "{addr}: the worker did not store the test binary after all {total} bytes (it counted {received})"
+                    "{addr}: the worker did not store {what} after all {total} bytes (it counted {received})"
                 ));
             }
         }

@@ -442,6 +442,15 @@ impl Tree {
     pub fn contains(&self, path: &Path) -> bool {
         self.paths.contains(path)
     }
+
+    /// True when `path` (absolute, plain) matches one of the tree's output patterns: what a
+    /// worker may send back.
+    pub fn is_output(&self, path: &str) -> bool {
+        let plain = path.starts_with('/')
+            && !path.split('/').any(|p| p == ".." || p == ".")
+            && !path.contains('\0');
+        plain && glob_set(&self.manifest.outputs).is_ok_and(|set| set.is_match(path))
+    }
 }
 
 #[derive(Default)]

@@ -386,9 +386,11 @@ impl Materialized {
         binds
     }
 
-    /// Rewrites a test's environment for this tree: each loader-path entry that is a library
-    /// root gets its copy in front. With `remap` (the worker cannot map paths), every value
-    /// that is a tree path, or a `:`-list holding some, points into the copies instead.
+    /// Rewrites a test's environment for this tree. The loader path gets, in front of each
+    /// entry that is a library root or lies in a tree root, that entry's copy: the loader looks
+    /// libraries up when the test binary starts, before any path is mapped. With `remap` (the
+    /// worker cannot map paths), every other value that is a tree path, or a `:`-list holding
+    /// some, points into the copies instead.
     pub fn rewrite_env(&self, env: &mut [(String, String)], remap: bool) {
         for (name, value) in env.iter_mut() {
             let loader = name == "LD_LIBRARY_PATH" || name == "DYLD_FALLBACK_LIBRARY_PATH";
@@ -398,22 +400,17 @@ impl Materialized {
             let parts: Vec<String> = value
                 .split(':')
                 .map(|part| {
-                    let mut out = Vec::new();
-                    if loader {
-                        for (kind, root, local) in &self.roots {
-                            if *kind == RootKind::Libraries && part == root {
-                                out.push(local.display().to_string());
-                            }
-                        }
+                    let copy = self
+                        .roots
+                        .iter()
+                        .find(|(kind, root, _)| *kind == RootKind::Libraries && part == root)
+                        .map(|(_, _, local)| local.clone())
+                        .or_else(|| self.local_path(part).filter(|_| part.starts_with('/')));
+                    match copy {
+                        Some(copy) if loader => format!("{}:{part}", copy.display()),
+                        Some(copy) => copy.display().to_string(),
+                        None => part.to_owned(),
                     }
-                    match self
-                        .local_path(part)
-                        .filter(|_| remap && part.starts_with('/'))
-                    {
-                        Some(local) => out.push(local.display().to_string()),
-                        None => out.push(part.to_owned()),
-                    }
-                    out.join(":")
                 })
                 .collect();
             *value = parts.join(":");
@@ -661,9 +658,13 @@ mod tests {
         ];
         tree.rewrite_env(&mut env, false);
         let lib = tree.roots[2].2.display().to_string();
+        let deps = tree.local_path("/w/app/target/debug/deps").unwrap();
         assert_eq!(
             env[0].1,
-            format!("/w/app/target/debug/deps:{lib}:/rust/lib:/usr/lib")
+            format!(
+                "{}:/w/app/target/debug/deps:{lib}:/rust/lib:/usr/lib",
+                deps.display()
+            )
         );
         assert_eq!(env[1].1, "/w/app");
         tree.rewrite_env(&mut env, true);

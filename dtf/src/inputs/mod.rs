@@ -25,6 +25,11 @@ pub use manifest::{
     materialize,
 };
 
+/// The BLAKE3 digest of a file's content.
+pub fn digest_of(path: &std::path::Path) -> std::io::Result<crate::protocol::Digest> {
+    manifest::hash_file(path).map(|(digest, _)| digest)
+}
+
 /// Extra globs to ship, comma-separated, relative to the package root.
 pub const INCLUDE_VAR: &str = "DTF_INCLUDE";
 /// Globs not to ship, comma-separated, relative to the package root.

@@ -70,6 +70,9 @@ pub struct WorkerInfo {
     pub slots: u32,
     /// The `dtf-worker` version.
     pub version: String,
+    /// `None` when the worker maps the coordinator's paths for each test (a private mount
+    /// namespace); else why it cannot, and its tests run from copies at other paths.
+    pub path_mapping: Option<String>,
 }
 
 /// One piece of a binary upload. Chunks of one upload arrive in order, starting at offset 0.
@@ -138,6 +141,9 @@ pub enum UploadError {
 pub struct RunRequest {
     /// The binary, by digest (uploaded or found in the cache first).
     pub digest: Digest,
+    /// The input tree the test sees at the coordinator's paths, by its manifest's digest
+    /// (prepared first with `prepare_inputs`).
+    pub inputs: Option<Digest>,
     /// The test, its environment, isolation level, timeout and memory limit. The worker always
     /// captures output; `cwd` falls back to the test's temporary directory when missing there.
     pub spec: RunSpec,
@@ -240,6 +246,31 @@ pub struct WorkerStatus {
     pub uptime_secs: u64,
 }
 
+/// An input tree built on a worker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputsReady {
+    /// Files in the tree.
+    pub files: u64,
+    /// Their total size.
+    pub bytes: u64,
+}
+
+/// A piece of a file downloaded from a worker.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Download {
+    /// The bytes (at most [`CHUNK_SIZE`]; fewer at the end of the file).
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Download {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Download")
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
 /// The worker service.
 #[tarpc::service]
 pub trait Worker {
@@ -254,6 +285,14 @@ pub trait Worker {
     /// Runs one test in a fresh sandboxed process and returns its outcome. Cancelling the
     /// request (or closing the connection) kills the test's process group.
     async fn run(request: RunRequest) -> RunResponse;
+    /// Builds the input tree whose manifest (uploaded like a binary, with every file it names)
+    /// has this digest, once per connection; runs that name it see it at the coordinator's
+    /// paths.
+    async fn prepare_inputs(manifest: Digest) -> Result<InputsReady, String>;
+    /// Files the connection's tests wrote into the tree that match its output patterns.
+    async fn outputs(manifest: Digest) -> Vec<crate::inputs::OutputFile>;
+    /// A piece of an output file listed by `outputs`, from `offset`.
+    async fn download(digest: Digest, offset: u64) -> Result<Download, String>;
     /// Liveness: answers at once.
     async fn ping() -> u64;
     /// The worker's state.

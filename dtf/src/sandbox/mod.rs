@@ -14,6 +14,7 @@
 pub mod child;
 pub mod env;
 pub mod namespaces;
+pub mod paths;
 pub mod pertest;
 pub mod rundir;
 
@@ -59,6 +60,10 @@ pub struct ChildSpec {
     /// binary, after the per-test process has set up its isolation).
     #[serde(default)]
     pub exec: Option<Exec>,
+    /// Paths to map before the test runs (a worker's copy of the input tree at the
+    /// coordinator's paths), at every isolation level.
+    #[serde(default)]
+    pub paths: Option<paths::PathMap>,
 }
 
 /// A program the test process runs in place of a registered test.
@@ -167,6 +172,7 @@ pub struct Sandbox {
     tmp_root: PathBuf,
     keep_failed_tmp: bool,
     output_cap: usize,
+    paths: Option<paths::PathMap>,
 }
 
 impl Sandbox {
@@ -179,7 +185,15 @@ impl Sandbox {
             tmp_root,
             keep_failed_tmp,
             output_cap: OUTPUT_CAP,
+            paths: None,
         }
+    }
+
+    /// The same sandbox, mapping `map`'s paths in each test's process before the test runs
+    /// (see [`paths`]).
+    pub fn with_paths(mut self, map: paths::PathMap) -> Sandbox {
+        self.paths = Some(map);
+        self
     }
 
     /// The binary this sandbox runs.
@@ -245,6 +259,7 @@ impl Sandbox {
             memory: spec.memory,
             parent: Some(std::process::id()),
             exec,
+            paths: self.paths.clone(),
         };
         let child_spec = serde_json::to_string(&child_spec).map_err(|e| e.to_string())?;
         let (result_read, result_write) = result_pipe()?;

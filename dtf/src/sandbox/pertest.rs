@@ -43,7 +43,7 @@ use nix::libc;
 use nix::sys::signal::Signal;
 use nix::unistd::{ForkResult, Pid, fork};
 
-use super::{ChildReport, ChildSpec, Record, RelayReport, child, namespaces};
+use super::{ChildReport, ChildSpec, Record, RelayReport, child, namespaces, paths};
 use crate::outcome::Failure;
 use crate::registry::Isolation;
 
@@ -80,6 +80,10 @@ pub const STAGES: &[Stage] = &[
     Stage {
         name: "setting the memory limit",
         run: set_limits,
+    },
+    Stage {
+        name: "mapping the coordinator's paths",
+        run: map_paths,
     },
     Stage {
         name: "entering the namespaces of level `full`",
@@ -301,6 +305,16 @@ fn set_limits(relay: &mut Relay) -> Result<(), String> {
         setrlimit(Resource::RLIMIT_DATA, limit, limit).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// On a worker: the input tree's copy at the coordinator's paths, in a user namespace that
+/// maps the worker's uid to itself and a private mount namespace (see `paths`), at every
+/// isolation level. Level `full`'s namespaces, entered next, nest inside it.
+fn map_paths(relay: &mut Relay) -> Result<(), String> {
+    match &relay.spec.paths {
+        Some(map) => paths::enter(map),
+        None => Ok(()),
+    }
 }
 
 /// Level `full`: new user, mount, network, UTS, IPC and PID namespaces (see `namespaces`).
