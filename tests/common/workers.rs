@@ -22,6 +22,11 @@ pub struct WorkerConfig {
     pub args: Vec<String>,
     /// `RLIMIT_NOFILE` (soft and hard) for the worker process, as `ulimit -n` would set it.
     pub nofile: Option<u64>,
+    /// A directory the worker cannot see: it runs in its own mount namespace with a tmpfs
+    /// over it, as a worker on another machine would not see this checkout.
+    pub hide: Option<PathBuf>,
+    /// Extra environment of the worker process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for WorkerConfig {
@@ -32,6 +37,8 @@ impl Default for WorkerConfig {
             cache_max: None,
             args: Vec::new(),
             nofile: None,
+            hide: None,
+            env: Vec::new(),
         }
     }
 }
@@ -335,7 +342,25 @@ pub fn dtf_dirs(dir: &Path) -> Vec<PathBuf> {
 /// Starts a worker process whose cache and `TMPDIR` live in `root`; its process, address and
 /// log.
 fn launch(root: &Path, config: &WorkerConfig) -> (Child, String, Arc<Mutex<String>>) {
-    let mut cmd = Command::new(worker_binary());
+    let mut cmd = match &config.hide {
+        None => Command::new(worker_binary()),
+        Some(hidden) => {
+            // The worker's own binary may live in the hidden tree: it runs from a copy.
+            let copy = root.join("dtf-worker");
+            if !copy.exists() {
+                std::fs::copy(worker_binary(), &copy).expect("copy dtf-worker");
+            }
+            let mut cmd = Command::new(crate::tool("unshare"));
+            if !nix::unistd::geteuid().is_root() {
+                cmd.args(["--user", "--map-current-user"]);
+            }
+            cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg("mount -t tmpfs tmpfs \"$0\" && exec \"$@\"")
+                .arg(hidden)
+                .arg(&copy);
+            cmd
+        }
+    };
     cmd.args(["--listen", "127.0.0.1:0", "--slots"])
         .arg(config.slots.to_string())
         .arg("--cache-dir")
@@ -368,6 +393,7 @@ fn launch(root: &Path, config: &WorkerConfig) -> (Child, String, Arc<Mutex<Strin
             });
         }
     }
+    cmd.envs(config.env.iter().map(|(k, v)| (k, v)));
     let mut child = cmd.spawn().expect("start dtf-worker");
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");

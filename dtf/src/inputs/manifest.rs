@@ -279,7 +279,9 @@ pub struct Materialized {
 /// Builds `manifest` in `dest` (a fresh directory) from the store: `blob` gives the stored
 /// file of a digest. Files are copied (the kernel may share their blocks, never the store's
 /// inode), so tests writing to the tree change neither the store nor another run's tree.
-/// A root nested in another gets its mount point created in the outer copy.
+/// Each root is built at its own path below `dest/root/` (`/w/app` at `dest/root/w/app`): the
+/// roots keep their places relative to each other, so a relative path from one to another
+/// resolves even where the tree cannot be mapped at the original paths.
 pub fn materialize(
     manifest: &Manifest,
     blob: impl Fn(&Digest) -> Option<PathBuf>,
@@ -293,10 +295,10 @@ pub fn materialize(
     std::fs::create_dir_all(dest).map_err(|e| io("create", dest, e))?;
     let mut roots = Vec::new();
     let mut files = HashMap::new();
-    for (i, root) in manifest.roots.iter().enumerate() {
-        let local = dest.join(i.to_string());
-        std::fs::create_dir(&local).map_err(|e| io("create", &local, e))?;
-        let mut links = Vec::new();
+    let mut links = Vec::new();
+    for root in &manifest.roots {
+        let local = dest.join("root").join(root.path.trim_start_matches('/'));
+        std::fs::create_dir_all(&local).map_err(|e| io("create", &local, e))?;
         for entry in &root.entries {
             let path = local.join(&entry.path);
             match &entry.kind {
@@ -325,29 +327,14 @@ pub fn materialize(
                 EntryKind::Symlink { target } => links.push((path, target)),
             }
         }
-        // Links last: nothing is ever written through one.
-        for (path, target) in links {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
-            }
-            std::os::unix::fs::symlink(target, &path)
-                .map_err(|e| io("create the link", &path, e))?;
-        }
         roots.push((root.kind, root.path.clone(), local));
     }
-    // Mount points of nested tree roots inside the copies of the roots around them.
-    for (kind, path, _) in &roots {
-        if *kind != RootKind::Tree {
-            continue;
+    // Links last, after every root's files: nothing is ever written through one.
+    for (path, target) in links {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
         }
-        if let Some((_, outer, outer_local)) = roots
-            .iter()
-            .filter(|(k, p, _)| *k == RootKind::Tree && p != path && under(path, p))
-            .max_by_key(|(_, p, _)| p.len())
-        {
-            let point = outer_local.join(&path[outer.len() + 1..]);
-            std::fs::create_dir_all(&point).map_err(|e| io("create", &point, e))?;
-        }
+        std::os::unix::fs::symlink(target, &path).map_err(|e| io("create the link", &path, e))?;
     }
     Ok(Materialized {
         roots,
@@ -373,13 +360,21 @@ impl Materialized {
             })
     }
 
-    /// `(local copy, coordinator path)` of each tree root, outermost first: what a test's
-    /// mount namespace binds.
+    /// `(local copy, coordinator path)` of each tree root not inside another (whose copy
+    /// holds it), outermost first: what a test's mount namespace binds.
     pub fn binds(&self) -> Vec<(PathBuf, PathBuf)> {
-        let mut binds: Vec<(PathBuf, PathBuf)> = self
+        let trees: Vec<&String> = self
             .roots
             .iter()
             .filter(|(k, _, _)| *k == RootKind::Tree)
+            .map(|(_, p, _)| p)
+            .collect();
+        let mut binds: Vec<(PathBuf, PathBuf)> = self
+            .roots
+            .iter()
+            .filter(|(k, p, _)| {
+                *k == RootKind::Tree && !trees.iter().any(|t| *t != p && under(p, t))
+            })
             .map(|(_, path, local)| (local.clone(), PathBuf::from(path)))
             .collect();
         binds.sort_by_key(|(_, target)| target.components().count());
@@ -640,14 +635,17 @@ mod tests {
             "the store is untouched"
         );
         assert!(tree.local_path("/w/app/empty").unwrap().is_dir());
-        assert!(
-            tree.local_path("/w/app/target").unwrap().ends_with("1"),
-            "the nested root"
+        assert_eq!(
+            tree.local_path("/w/app/target/tmp").unwrap(),
+            dest.path().join("t/root/w/app/target/tmp"),
+            "the nested root lies in the outer one's copy"
         );
-        assert!(dest.path().join("t/0/target").is_dir(), "its mount point");
+        assert!(tree.local_path("/w/app/target/tmp").unwrap().is_dir());
         let binds = tree.binds();
-        assert_eq!(binds.len(), 2);
-        assert_eq!(binds[0].1, Path::new("/w/app"));
+        assert_eq!(
+            binds,
+            [(dest.path().join("t/root/w/app"), PathBuf::from("/w/app"))]
+        );
 
         let mut env = vec![
             (
