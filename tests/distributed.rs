@@ -154,7 +154,8 @@ fn the_fixture_has_the_same_outcomes_on_two_workers_and_a_warm_rerun_ships_nothi
     );
     let status = a.status();
     assert!(status["cache_hits"].as_u64() >= Some(1), "{status}");
-    assert_eq!(status["cache_entries"].as_u64(), Some(1), "{status}");
+    // The binary, and the fixture package's files and manifest.
+    assert!(status["cache_entries"].as_u64() > Some(1), "{status}");
 
     // The human status output.
     let human = run_bounded(
@@ -432,7 +433,12 @@ fn a_killed_coordinator_leaves_no_test_process_or_directory_on_the_worker() {
         killed.elapsed()
     );
     assert!(w.alive());
-    assert!(w.log().contains("cancelled"), "{}", w.log());
+    // Logged once the connection's handlers are gone and its input tree removed.
+    assert!(
+        eventually(Duration::from_secs(5), || w.log().contains("cancelled")),
+        "{}",
+        w.log()
+    );
 
     // The next coordinator is served normally.
     let mut cmd = w.command(&fixture());
