@@ -41,6 +41,7 @@ pub enum Error {
     #[error("{0}")]
     Workers(String),
     /// The input tree of a distributed run cannot be computed (or is over its cap).
+    #[cfg(feature = "distributed")]
     #[error("{0}")]
     Inputs(#[from] crate::inputs::InputError),
     /// The directory for the tests' private directories could not be made.
