@@ -165,7 +165,11 @@ fn the_fixture_has_the_same_outcomes_on_two_workers_and_a_warm_rerun_ships_nothi
         MINUTE,
     );
     assert!(human.stdout.contains("tests run"), "{}", human.dump());
-    assert!(human.stdout.contains("1 binaries"), "{}", human.dump());
+    assert!(
+        human.stdout.contains("blobs (binaries and input files)"),
+        "{}",
+        human.dump()
+    );
 
     eprintln!(
         "fixture: local {:.2}s, two workers cold {:.2}s, warm (pass_ only) {:.2}s",

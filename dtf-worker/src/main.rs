@@ -465,7 +465,7 @@ fn render_status(s: &WorkerStatus) -> String {
     line(format!("runs        {} connected", s.connections));
     line(format!("tests run   {}", s.tests_run));
     line(format!(
-        "cache       {} binaries, {} of {}; {} hits, {} misses; {} received",
+        "cache       {} blobs (binaries and input files), {} of {}; {} hits, {} misses; {} received",
         s.cache_entries,
         human_bytes(s.cache_bytes),
         human_bytes(s.cache_max),

@@ -26,6 +26,9 @@ enum Section {
     Distributed,
     /// Cold upload to 4 workers and bytes shipped on a warm re-run.
     Shipping,
+    /// Input trees: 5,000 fixture files (50 MB) to 4 workers, cold and warm; the per-test cost
+    /// of mapping paths in a mount namespace on a worker.
+    Inputs,
     /// A skewed suite with and without duration history.
     Scheduling,
     /// Worker RSS idle and under load; the coordinator's peak RSS for 10 000 tests.
@@ -79,6 +82,7 @@ fn main() {
     run(Section::Local, sections::local);
     run(Section::Distributed, sections::distributed);
     run(Section::Shipping, sections::shipping);
+    run(Section::Inputs, sections::inputs);
     run(Section::Scheduling, sections::scheduling);
     run(Section::Resources, sections::resources);
     run(Section::Workspace, workspaces::workspaces);

@@ -395,6 +395,103 @@ pub fn shipping(b: &mut Bench) -> Result<(), String> {
     Ok(())
 }
 
+/// Input trees: a package with 5,000 fixture files totalling 50 MB shipped to 4 workers, cold
+/// (time to first test, bytes) and warm; and what mapping paths in a mount namespace costs per
+/// test on a worker at level `env` (1000 trivial tests on one worker, mapped against the
+/// fallback that maps nothing, alternated).
+pub fn inputs(b: &mut Bench) -> Result<(), String> {
+    let worker_bin = b.bin("dtf-worker")?.to_path_buf();
+    let trivial = b.bin("trivial")?.to_path_buf();
+    let (files, size) = if b.quick {
+        (500, 10_000)
+    } else {
+        (5_000, 10_000)
+    };
+    let fixtures = tempfile::Builder::new()
+        .prefix("dtf-bench-fixtures-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    for i in 0..files {
+        let dir = fixtures.path().join(format!("d{:02}", i % 50));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mut data = vec![0u8; size];
+        for (j, byte) in data.iter_mut().enumerate() {
+            *byte = ((i * 31 + j * 7) % 251) as u8;
+        }
+        std::fs::write(dir.join(format!("f{i:05}.bin")), data).map_err(|e| e.to_string())?;
+    }
+    let include = format!("{}/**", fixtures.path().display());
+    let env = [("DTF_INCLUDE", include.as_str())];
+    let k = if b.quick { 2 } else { 4 };
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    let (mut cold_bytes, mut warm_bytes) = (0, 0);
+    for _ in 0..b.reps {
+        let workers = LocalWorkers::start(&worker_bin, k, 2, None)?;
+        // The binary first, so the cold figure is the input tree's.
+        workers.run_with_env(&trivial, &["--exact", "t00000"], &[])?;
+        let (d, text) = workers.run_with_env(&trivial, &["--exact", "t00000"], &env)?;
+        cold.push(d);
+        cold_bytes =
+            crate::workers::input_bytes(&text).ok_or(format!("no inputs line:\n{text}"))?;
+        let (d, text) = workers.run_with_env(&trivial, &["--exact", "t00000"], &env)?;
+        warm.push(d);
+        warm_bytes = warm_bytes
+            .max(crate::workers::input_bytes(&text).ok_or(format!("no inputs line:\n{text}"))?);
+    }
+    let (cold, warm) = (measure::median(cold), measure::median(warm));
+    b.row(
+        "inputs",
+        format!(
+            "cold run of 1 test (≈ time to first test), {files} fixture files ({:.0} MB) to {k} workers",
+            (files * size) as f64 / 1e6
+        ),
+        format!("{} ({:.1} MB shipped)", secs(cold), cold_bytes as f64 / 1e6),
+        cold.as_secs_f64(),
+    );
+    b.row(
+        "inputs",
+        "warm re-run of the same (hashing and find-missing only)",
+        secs(warm),
+        warm.as_secs_f64(),
+    );
+    b.target_row(
+        "inputs",
+        "input bytes shipped on a warm re-run",
+        format!("{warm_bytes} B"),
+        warm_bytes as f64,
+        "0",
+        warm_bytes == 0,
+    );
+
+    // The mount namespace per test: the same worker set-up with and without path mapping.
+    let mapped = LocalWorkers::start(&worker_bin, 1, 2, None)?;
+    let unmapped =
+        LocalWorkers::start_with_env(&worker_bin, 1, 2, None, &[("DTF_FAULT_PATHS", "bench")])?;
+    let tests = if b.quick { "t00" } else { "t0" };
+    let count = if b.quick { 100 } else { 1000 };
+    mapped.run_with_env(&trivial, &["-q", tests], &[])?;
+    unmapped.run_with_env(&trivial, &["-q", tests], &[])?;
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..b.reps {
+        with.push(mapped.run_with_env(&trivial, &["-q", tests], &[])?.0);
+        without.push(unmapped.run_with_env(&trivial, &["-q", tests], &[])?.0);
+    }
+    let (with, without) = (measure::median(with), measure::median(without));
+    let extra_ms = (with.as_secs_f64() - without.as_secs_f64()) * 1000.0 / count as f64;
+    b.row(
+        "inputs",
+        format!("{count} trivial tests at level env on 1 worker × 2 slots, paths mapped vs not"),
+        format!(
+            "{} vs {} (+{extra_ms:.2} ms/test)",
+            secs(with),
+            secs(without)
+        ),
+        extra_ms,
+    );
+    Ok(())
+}
+
 /// Scheduling (section 4): the skewed suite (40 × 100 ms and one 1000 ms test, last by name)
 /// on 4 slots, in name order and in history order.
 pub fn scheduling(b: &mut Bench) -> Result<(), String> {

@@ -77,6 +77,17 @@ impl LocalWorkers {
         slots: usize,
         net: Option<&LatencyNet>,
     ) -> Result<LocalWorkers, String> {
+        LocalWorkers::start_with_env(worker_bin, k, slots, net, &[])
+    }
+
+    /// As [`LocalWorkers::start`], with extra environment for the worker processes.
+    pub fn start_with_env(
+        worker_bin: &Path,
+        k: usize,
+        slots: usize,
+        net: Option<&LatencyNet>,
+        env: &[(&str, &str)],
+    ) -> Result<LocalWorkers, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         // 256 random bits as hex, as `dtf-worker token` makes them.
         let mut bytes = [0u8; 32];
@@ -108,6 +119,7 @@ impl LocalWorkers {
                 .arg("--token-file")
                 .arg(&token_file)
                 .env("TMPDIR", &tmp)
+                .envs(env.iter().copied())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
@@ -180,6 +192,36 @@ impl LocalWorkers {
         ))
     }
 
+    /// Runs `binary args` against the workers with extra environment; its wall time and its
+    /// stdout and stderr.
+    pub fn run_with_env(
+        &self,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(Duration, String), String> {
+        let started = Instant::now();
+        let out = clean_command(binary)
+            .args(args)
+            .env("DTF_WORKERS", self.addrs())
+            .env("DTF_TOKEN", &self.token)
+            .env("DTF_REQUIRE_WORKERS", "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            return Err(format!("distributed run failed:\n{text}"));
+        }
+        Ok((elapsed, text))
+    }
+
     /// Resident set size of worker `i` now, in KiB.
     pub fn rss_kib(&self, i: usize) -> Result<u64, String> {
         let pid = self.children.get(i).ok_or("no such worker")?.id();
@@ -215,6 +257,17 @@ impl Drop for LocalWorkers {
 
 /// The bytes of binary shipped, from dtf's distributed summary note
 /// (`dtf: 4 workers; binary shipped to 0 of 4 (0 bytes), ...`).
+/// The bytes of the `dtf: inputs: ... shipped to N of M (B bytes ...` line.
+pub fn input_bytes(text: &str) -> Option<u64> {
+    text.lines()
+        .filter(|line| line.starts_with("dtf: inputs: "))
+        .find_map(|line| {
+            let rest = line.split('(').nth(1)?;
+            let number: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            number.parse().ok()
+        })
+}
+
 fn shipped_bytes(text: &str) -> Option<u64> {
     text.lines()
         .filter(|line| line.contains("binary shipped to"))
