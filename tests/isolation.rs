@@ -35,7 +35,7 @@ enum User {
 enum Keep {
     Nothing,
     Copy(tempfile::TempDir),
-    Worker(Worker),
+    Worker(Box<Worker>),
 }
 
 /// A fresh directory for the fixture's meeting markers: outside /tmp (tests at level `full`
@@ -95,7 +95,7 @@ fn command_as(user: User, binary: &Path) -> (Command, Keep) {
                 slots: 4,
                 ..WorkerConfig::default()
             });
-            (worker.command(binary), Keep::Worker(worker))
+            (worker.command(binary), Keep::Worker(Box::new(worker)))
         }
         User::Nobody => {
             let dir = tempfile::Builder::new()
