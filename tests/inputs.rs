@@ -63,15 +63,19 @@ fn on_worker(cmd: &mut Command, w: &Worker) {
         .env("DTF_TOKEN", w.token.as_deref().unwrap_or_default());
 }
 
-/// The outputs the fixture writes into the checkout, removed before and after a run.
+/// The outputs the fixture writes into the checkout, removed before and after a run. One test
+/// at a time holds them: they are files of the shared checkout.
 struct Outputs {
     profiles: tempfile::TempDir,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Outputs {
     fn new() -> Outputs {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let outputs = Outputs {
             profiles: tempfile::tempdir().unwrap(),
+            _turn: TURN.lock().unwrap_or_else(|e| e.into_inner()),
         };
         outputs.clear();
         outputs

@@ -41,9 +41,18 @@ enum Keep {
 /// A fresh directory for the fixture's meeting markers: outside /tmp (tests at level `full`
 /// have a /tmp of their own) and writable by anyone.
 fn meeting_dir() -> tempfile::TempDir {
+    // Outside `/tmp` (a tmpfs per test at level `full`) and outside the checkout and its target
+    // directory, which a worker maps from the run's input tree (hiding what else is there, as on
+    // another machine): /dev/shm, where it exists.
+    let shm = std::path::Path::new("/dev/shm");
+    let parent = if shm.is_dir() {
+        shm
+    } else {
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+    };
     let dir = tempfile::Builder::new()
         .prefix("iso-meet-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .tempdir_in(parent)
         .expect("create a meeting directory");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
         .expect("open the meeting directory to everyone");
