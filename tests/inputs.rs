@@ -17,6 +17,18 @@ fn package() -> PathBuf {
 }
 
 fn binary() -> PathBuf {
+    // A dylib's file name carries no hash: after dtf itself was rebuilt, rustc has been seen to
+    // refuse linking the fixture against the stale `libdtf_inputs_dylib.so` ("cannot satisfy
+    // dependencies so `std` only shows up once"). Rebuilding the (tiny) dylib first avoids it.
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    CLEANED.call_once(|| {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(workspace_root())
+            .args(["clean", "--quiet", "-p", "dtf-inputs-dylib"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo clean -p dtf-inputs-dylib failed");
+    });
     test_binary("dtf-inputs-fixture", "inputs")
 }
 
