@@ -112,6 +112,37 @@ pub fn unrunnable(
     Ok(found)
 }
 
+/// The check `cargo dtf` makes before a run: every test function [`unrunnable`] finds is
+/// printed to stderr with its file and line; then the run is refused (`Err`) unless
+/// `allow_unrunnable` (`--allow-unrunnable`), in which case they are only warned about.
+#[allow(dead_code)] // called by the run path of `cargo dtf`
+pub fn refuse_unrunnable(
+    manifest_path: Option<&Path>,
+    packages: &[String],
+    allow_unrunnable: bool,
+) -> Result<(), String> {
+    let found = unrunnable(manifest_path, packages)?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    let level = if allow_unrunnable { "warning" } else { "error" };
+    for f in &found {
+        eprintln!("{level}: {f}");
+    }
+    if allow_unrunnable {
+        eprintln!(
+            "warning: {} test function(s) will not run (--allow-unrunnable)",
+            found.len()
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "{} test function(s) in harness = false targets would not run under dtf (listed above); \
+         `cargo dtf migrate` converts them, or pass --allow-unrunnable to run the rest",
+        found.len()
+    ))
+}
+
 /// Runs `cargo dtf migrate`; returns the exit code.
 pub fn run(args: Args) -> Result<i32, String> {
     if args.check {
