@@ -578,9 +578,10 @@ fn a_killed_runner_takes_its_tests_and_their_children_with_it() {
 
 #[test]
 fn ctrl_c_stops_the_run_kills_running_tests_and_reports_them_not_run() {
+    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pids");
-    let runner = dtf_command(&fixture())
+    let mut runner = dtf_command(&fixture())
         .args(["--exact", "core_hold_with_grandchild", "pass_plain"])
         .env("DTF_PASS_ENV", "FIXTURE_PID_FILE")
         .env("FIXTURE_PID_FILE", &pid_file)
@@ -588,7 +589,29 @@ fn ctrl_c_stops_the_run_kills_running_tests_and_reports_them_not_run() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Read stdout as it comes: the interrupt is sent once `pass_plain` has been reported, so
+    // exactly one test (the holding one) is cut short, however the two race.
+    let stdout = runner.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
     let pids = held_pids(&pid_file);
+    assert!(
+        eventually(Duration::from_secs(20), || lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "test pass_plain ... ok")),
+        "pass_plain never finished: {:?}",
+        lines.lock().unwrap()
+    );
     let interrupted = std::time::Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(runner.id() as i32),
@@ -596,12 +619,13 @@ fn ctrl_c_stops_the_run_kills_running_tests_and_reports_them_not_run() {
     )
     .unwrap();
     let out = runner.wait_with_output().unwrap();
+    reader.join().unwrap();
     assert!(
         interrupted.elapsed() < Duration::from_secs(10),
         "the 30 s test was not cut short"
     );
     assert_eq!(out.status.code(), Some(130), "128 + SIGINT");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = lines.lock().unwrap().join("\n");
     assert!(stdout.contains("1 not run"), "{stdout}");
     for pid in pids {
         assert!(

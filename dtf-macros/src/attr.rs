@@ -12,7 +12,7 @@ use crate::parse;
 
 /// The option names, in the order error messages list them.
 const OPTION_NAMES: &str =
-    "timeout, env, isolation, retries, memory, flavor, worker_threads, start_paused";
+    "timeout, env, isolation, retries, memory, flavor, worker_threads, start_paused, spawn";
 
 /// Each isolation level's spelling in the attribute and its `Isolation` variant.
 const ISOLATION_LEVELS: [(&str, &str); 4] = [
@@ -42,6 +42,8 @@ pub(crate) struct Options {
     pub(crate) worker_threads: Option<(usize, proc_macro2::Span)>,
     /// `start_paused = true|false` of a current-thread runtime, with its span.
     pub(crate) start_paused: Option<(bool, proc_macro2::Span)>,
+    /// `spawn = "..."`, as the name of a `Spawn` variant.
+    pub(crate) spawn: Option<&'static str>,
 }
 
 impl Options {
@@ -63,6 +65,7 @@ impl Options {
             Some("flavor") => self.multi_thread.is_some(),
             Some("worker_threads") => self.worker_threads.is_some(),
             Some("start_paused") => self.start_paused.is_some(),
+            Some("spawn") => self.spawn.is_some(),
             Some(marker @ ("ignore" | "should_panic")) => {
                 return Err(meta.error(format!(
                     "`{marker}` is not an option of `#[dtf::test]`: \
@@ -126,6 +129,18 @@ impl Options {
             }
             Some("worker_threads") => self.worker_threads = Some(worker_threads_value(meta)?),
             Some("start_paused") => self.start_paused = Some(bool_value(meta, "start_paused")?),
+            Some("spawn") => {
+                let text = string_value(meta, "spawn", r#"spawn = "exec""#)?;
+                self.spawn = Some(match text.value().as_str() {
+                    "fork" => "Fork",
+                    "exec" => "Exec",
+                    value => {
+                        let message =
+                            format!(r#"unknown spawn mode {value:?}: expected "fork" or "exec""#);
+                        return Err(Error::new(text.span(), message));
+                    }
+                });
+            }
             _ => self.memory_bytes = Some(memory_value(meta)?),
         }
         Ok(())
@@ -470,6 +485,7 @@ mod tests {
             isolation = "full-or-env",
             retries = 3,
             memory = "1KiB",
+            spawn = "exec",
         ))
         .expect("valid options");
         assert_eq!(options.timeout_nanos, Some(1_500_000_000));
@@ -483,6 +499,7 @@ mod tests {
         assert_eq!(options.isolation, Some("FullOrEnv"));
         assert_eq!(options.retries, Some(3));
         assert_eq!(options.memory_bytes, Some(1024));
+        assert_eq!(options.spawn, Some("Exec"));
     }
 
     #[test]
@@ -503,7 +520,7 @@ mod tests {
     fn reports_bad_options() {
         assert_eq!(
             error(quote!(timout = "1s")),
-            "unknown option `timout`: expected one of timeout, env, isolation, retries, memory, flavor, worker_threads, start_paused"
+            "unknown option `timout`: expected one of timeout, env, isolation, retries, memory, flavor, worker_threads, start_paused, spawn"
         );
         assert_eq!(
             error(quote!(timeout = "5 parsecs")),

@@ -121,6 +121,88 @@ pub fn test(
     }
 }
 
+/// Marks a function as a warm-up: shared set-up that runs once, in the fork server, before its
+/// first test is forked, so every test starts with a private copy-on-write copy of its result.
+///
+/// ```ignore
+/// static TABLE: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+///
+/// #[dtf::warm_up]
+/// fn build_table() {
+///     TABLE.get_or_init(|| (0..100_000).map(|i| i * i).collect());
+/// }
+/// ```
+///
+/// Warm-ups run in name order, each once. One that panics fails the run with its message
+/// before any test starts. A warm-up must not start threads or open connections that tests
+/// would share: the fork server refuses to fork after a warm-up leaves a thread running.
+/// When tests start by exec (`DTF_SPAWN=exec`, other platforms), every test process runs the
+/// warm-ups itself before its test.
+///
+/// The function must be a free function without parameters, generic parameters or `unsafe`,
+/// returning `()`.
+#[proc_macro_attribute]
+pub fn warm_up(
+    args: proc_macro::TokenStream,
+    item: proc_macro::TokenStream,
+) -> proc_macro::TokenStream {
+    let item = TokenStream::from(item);
+    match expand_warm_up(args.into(), item.clone()) {
+        Ok(tokens) => tokens.into(),
+        Err(error) => {
+            let error = error.into_compile_error();
+            quote!(#error #item).into()
+        }
+    }
+}
+
+fn expand_warm_up(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    if !args.is_empty() {
+        return Err(Error::new_spanned(
+            args,
+            "`#[dtf::warm_up]` takes no options",
+        ));
+    }
+    let function = match syn::parse2::<Item>(item.clone()) {
+        Ok(Item::Fn(function)) => function,
+        _ => {
+            return Err(Error::new(
+                item_keyword_span(item),
+                "`#[dtf::warm_up]` can only be applied to a function",
+            ));
+        }
+    };
+    let sig = &function.sig;
+    if sig.asyncness.is_some()
+        || !matches!(sig.safety, Safety::Default)
+        || !sig.generics.params.is_empty()
+        || !sig.inputs.is_empty()
+        || sig.variadic.is_some()
+        || !matches!(sig.output, ReturnType::Default)
+    {
+        return Err(Error::new_spanned(
+            sig,
+            "a `#[dtf::warm_up]` function must be a plain `fn name()` without parameters, \
+             generics, `async`, `unsafe` or a return type",
+        ));
+    }
+    let ident = &sig.ident;
+    let name = ident.unraw().to_string();
+    let cfgs = function.attrs.iter().filter(|a| a.path().is_ident("cfg"));
+    Ok(quote! {
+        #function
+
+        #(#cfgs)*
+        ::dtf::__private::inventory::submit! {
+            ::dtf::__private::WarmUp {
+                module_path: ::core::module_path!(),
+                name: #name,
+                func: #ident,
+            }
+        }
+    })
+}
+
 /// What to emit next to a compile error: the item itself, so that code using it gets no
 /// follow-up errors, minus the `#[ignore]` and `#[should_panic]` that only tests may carry.
 fn fallback(item: TokenStream) -> TokenStream {
@@ -354,6 +436,12 @@ fn registration(
     }
     if let Some(bytes) = options.memory_bytes {
         fields.push(quote!(memory: #some(#bytes)));
+    }
+    if let Some(variant) = options.spawn {
+        let variant = syn::Ident::new(variant, Span::call_site());
+        fields.push(quote!(
+            spawn: ::core::option::Option::Some(::dtf::__private::Spawn::#variant)
+        ));
     }
 
     // A `#[test]` twin that exists only where libtest's harness runs (rustc strips `#[test]`

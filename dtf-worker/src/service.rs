@@ -154,6 +154,9 @@ struct ConnState {
     tree_dirs: Vec<PathBuf>,
     /// Output files listed to the coordinator, by digest, for `download`.
     outputs: HashMap<Digest, PathBuf>,
+    /// One sandbox per binary this connection runs tests of: its tests share one fork server,
+    /// which ends with the connection.
+    sandboxes: HashMap<(Digest, Option<Digest>), Sandbox>,
 }
 
 impl Conn {
@@ -189,6 +192,7 @@ impl Conn {
                 warn!(run = self.id, dir = %dir.display(), "cannot remove an input tree: {e}");
             }
         }
+        state.sandboxes.clear();
         self.shared.pool.forget(self.id);
     }
 
@@ -376,7 +380,12 @@ impl Worker for Conn {
             },
         );
         let _running = RunningGuard { shared, id };
-        let mut sandbox = Sandbox::new(path, shared.tmp_root.clone(), false);
+        // One sandbox (and so one fork server) per binary and input tree on this connection.
+        let key = (digest, inputs);
+        let cached = self.state().sandboxes.get(&key).cloned();
+        let fresh = cached.is_none();
+        let mut sandbox =
+            cached.unwrap_or_else(|| Sandbox::new(path, shared.tmp_root.clone(), false));
         if let Some(tree) = &tree {
             let remap = shared.path_mapping.is_some();
             tree.rewrite_env(&mut spec.env, remap);
@@ -387,12 +396,15 @@ impl Worker for Conn {
                     .as_ref()
                     .and_then(|cwd| cwd.to_str())
                     .and_then(|cwd| tree.local_path(cwd));
-            } else {
+            } else if fresh {
                 sandbox = sandbox.with_paths(PathMap {
                     binds: tree.binds(),
                     cwd: spec.cwd.clone(),
                 });
             }
+        }
+        if fresh {
+            self.state().sandboxes.insert(key, sandbox.clone());
         }
         let attempt = sandbox.run(&spec).await;
         shared.tests_run.fetch_add(1, Ordering::Relaxed);

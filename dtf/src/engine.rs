@@ -19,7 +19,7 @@ use crate::plan::{Defaults, Explicit, Origin};
 use crate::registry::{Isolation, Spawn};
 use crate::report::{Reporters, RunInfo, Summary};
 use crate::runner::{self, Ending, LocalOptions};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Harness, Sandbox};
 use crate::sandbox::env;
 
 /// libtest's exit code for a failed run.
@@ -98,6 +98,18 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
     info.shuffle_seed = shuffle_seed;
 
     let started = Instant::now();
+    // Each binary's fork server runs its warm-ups (their time counts as the run's) before any
+    // test starts: one that fails stops the run here. Workers start servers of their own.
+    if workers.is_none() {
+        for (i, sandbox) in sandboxes.iter().enumerate() {
+            let forks = plan.tests.iter().any(|t| {
+                t.binary == i && t.spec.spawn == Spawn::Fork && t.spec.harness == Harness::Dtf
+            });
+            if forks {
+                sandbox.start_fork_server().await.map_err(Error::WarmUp)?;
+            }
+        }
+    }
     reporters.run_started(&info);
     let mut summary = Summary {
         filtered_out: info.filtered_out,
@@ -118,6 +130,9 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
         Some(never) => match *never {},
         None => runner::run_local(&plan, order, &sandboxes, &local, reporters).await,
     };
+    for sandbox in &sandboxes {
+        sandbox.stop_fork_server().await;
+    }
     for report in &reports {
         summary.add(report);
     }

@@ -47,6 +47,9 @@ pub enum Error {
     /// The directory for the tests' private directories could not be made.
     #[error("cannot prepare the tests' temporary directories: {0}")]
     TempDir(String),
+    /// A `#[dtf::warm_up]` failed in the fork server.
+    #[error("{0}\nhelp: the warm-ups run once, before any test starts; no test ran")]
+    WarmUp(String),
     /// The runtime could not start.
     #[error("cannot start the test runner: {0}")]
     Runtime(std::io::Error),

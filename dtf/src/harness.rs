@@ -19,7 +19,7 @@ use crate::registry::{Isolation, Registry};
 use crate::report::{Reporters, RunInfo};
 use crate::runner::LocalOptions;
 use crate::sandbox::rundir::RunDir;
-use crate::sandbox::{Sandbox, child, namespaces};
+use crate::sandbox::{Sandbox, child, forkserver, namespaces};
 
 /// libtest's exit code for a failed run.
 pub const EXIT_FAILED: i32 = engine::EXIT_FAILED;
@@ -28,6 +28,9 @@ pub const EXIT_FAILED: i32 = engine::EXIT_FAILED;
 pub fn run(package: Package) -> ! {
     if let Some(spec) = child::take_spec() {
         child::run(spec);
+    }
+    if forkserver::take_role() {
+        forkserver::serve();
     }
     let code = match parent(package) {
         Ok(code) => code,

@@ -19,7 +19,7 @@
 
 #![warn(missing_docs)]
 
-pub use dtf_macros::test;
+pub use dtf_macros::{test, warm_up};
 
 pub mod cli;
 pub mod config;
@@ -74,7 +74,7 @@ macro_rules! main {
 /// Items used by the code that `#[dtf::test]` and `dtf::main!()` generate. Not a stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::registry::{Isolation, ShouldPanic, Spawn, TestDef};
+    pub use crate::registry::{Isolation, ShouldPanic, Spawn, TestDef, WarmUp};
     pub use core;
     pub use inventory;
 

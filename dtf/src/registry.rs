@@ -187,6 +187,39 @@ impl TestDef {
 
 inventory::collect!(TestDef);
 
+/// The name index of [`Registry::find`], once built.
+static INDEX: std::sync::OnceLock<HashMap<String, &'static TestDef>> = std::sync::OnceLock::new();
+
+/// One `#[dtf::warm_up]` function.
+#[derive(Clone, Copy, Debug)]
+pub struct WarmUp {
+    /// `module_path!()` where it was defined, crate name first.
+    pub module_path: &'static str,
+    /// The function's name.
+    pub name: &'static str,
+    /// The function.
+    pub func: fn(),
+}
+
+impl WarmUp {
+    /// The name messages use: the module path below the crate root, then the function.
+    pub fn full_name(&self) -> String {
+        match self.module_path.split_once("::") {
+            Some((_, rest)) => format!("{rest}::{}", self.name),
+            None => self.name.to_owned(),
+        }
+    }
+
+    /// Every warm-up of this binary, in name order.
+    pub fn all() -> Vec<&'static WarmUp> {
+        let mut all: Vec<&'static WarmUp> = inventory::iter::<WarmUp>.into_iter().collect();
+        all.sort_by_key(|w| w.full_name());
+        all
+    }
+}
+
+inventory::collect!(WarmUp);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,9 +293,23 @@ impl Registry {
     /// The definition of the test named `name`, found without building a registry: what a
     /// child process, which runs exactly one test, needs.
     pub fn find(name: &str) -> Option<&'static TestDef> {
+        if let Some(index) = INDEX.get() {
+            return index.get(name).copied();
+        }
         inventory::iter::<TestDef>
             .into_iter()
             .find(|def| def.has_name(name))
+    }
+
+    /// Builds the name index [`Registry::find`] uses from then on: what the fork server does
+    /// once, so that every process it forks finds its test by a lookup.
+    pub fn index_for_find() {
+        INDEX.get_or_init(|| {
+            inventory::iter::<TestDef>
+                .into_iter()
+                .map(|def| (def.full_name(), def))
+                .collect()
+        });
     }
 
     /// Every test, sorted by name.

@@ -294,6 +294,20 @@ pub fn parent_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
+/// True when `ancestor` is `pid`'s parent, grandparent, ... (at most 8 generations up): a test
+/// process runs below its per-test process and, when forked, the fork server.
+pub fn descends_from(pid: i32, ancestor: i32) -> bool {
+    let mut current = pid;
+    for _ in 0..8 {
+        match parent_of(current) {
+            Some(parent) if parent == ancestor => return true,
+            Some(parent) if parent > 1 => current = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Live processes whose command line contains `needle`.
 pub fn processes_with(needle: &str) -> Vec<i32> {
     crate::processes_where(|pid| {

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use super::{CHILD_VAR, ChildReport, ChildSpec, Exec, Record, pertest};
+use super::{CHILD_VAR, ChildReport, ChildSpec, Exec, Record, forkserver, pertest};
 use crate::outcome::Failure;
 use crate::registry::{Registry, ShouldPanic, TestDef};
 
@@ -50,14 +50,18 @@ pub fn run_test_process(spec: &ChildSpec, mut report: File) -> ! {
         Some(exec) => Some(Failure::System {
             message: exec_program(exec),
         }),
-        None => match Registry::find(&spec.test) {
-            Some(def) => run_test(&spec.test, def),
-            None => Some(Failure::System {
-                message: format!(
+        // Started by exec, this process has not run the warm-ups yet (forked from the fork
+        // server, it has, and this does nothing).
+        None => match forkserver::run_warm_ups().and_then(|()| {
+            Registry::find(&spec.test).ok_or_else(|| {
+                format!(
                     "no test named `{}` in this binary (was it built from other sources?)",
                     spec.test
-                ),
-            }),
+                )
+            })
+        }) {
+            Ok(def) => run_test(&spec.test, def),
+            Err(message) => Some(Failure::System { message }),
         },
     };
     let _ = std::io::stdout().flush();
@@ -147,7 +151,7 @@ fn judge(
     }
 }
 
-fn payload_text(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn payload_text(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

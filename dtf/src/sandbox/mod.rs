@@ -13,6 +13,7 @@
 
 pub mod child;
 pub mod env;
+pub mod forkserver;
 pub mod namespaces;
 pub mod paths;
 pub mod pertest;
@@ -20,6 +21,8 @@ pub mod rundir;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -31,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::outcome::{Attempt, Failure, Output, Stream};
+use forkserver::{ForkServer, Forked, Refusal, StartError};
 use crate::registry::{Isolation, Spawn};
 
 /// The variable that puts a re-executed test binary in the child role. It holds a
@@ -164,7 +168,8 @@ impl Harness {
     }
 }
 
-/// Runs tests of one binary in fresh processes.
+/// Runs tests of one binary in fresh processes. Clones share one fork server, started when the
+/// first test that forks runs (or by [`Sandbox::start_fork_server`]).
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     program: PathBuf,
@@ -173,6 +178,15 @@ pub struct Sandbox {
     keep_failed_tmp: bool,
     output_cap: usize,
     paths: Option<paths::PathMap>,
+    server: Arc<ServerSlot>,
+}
+
+/// The fork server of a sandbox: started once, or why not.
+#[derive(Debug, Default)]
+struct ServerSlot {
+    server: tokio::sync::OnceCell<Result<Arc<ForkServer>, StartError>>,
+    /// The note that tests start by exec has been printed.
+    fallback_noted: AtomicBool,
 }
 
 impl Sandbox {
@@ -186,6 +200,44 @@ impl Sandbox {
             keep_failed_tmp,
             output_cap: OUTPUT_CAP,
             paths: None,
+            server: Arc::default(),
+        }
+    }
+
+    /// Starts the fork server now (it runs the warm-ups), rather than with the first test.
+    /// `Err` is a warm-up's failure, which should stop the run; a server that cannot start
+    /// only means tests start by exec, after a note.
+    pub async fn start_fork_server(&self) -> Result<(), String> {
+        match self.fork_server().await {
+            Err(StartError::WarmUp(message)) => Err(message),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the fork server, if one started, and waits for it to end. Tests that are still
+    /// running are killed.
+    pub async fn stop_fork_server(&self) {
+        if let Some(Ok(server)) = self.server.server.get() {
+            server.stop().await;
+        }
+    }
+
+    async fn fork_server(&self) -> Result<Arc<ForkServer>, StartError> {
+        let started = self
+            .server
+            .server
+            .get_or_init(|| async { ForkServer::start(&self.program).await.map(Arc::new) })
+            .await;
+        if let Err(StartError::Unavailable(reason)) = started {
+            self.note_fallback(reason);
+        }
+        started.clone()
+    }
+
+    /// Says once per sandbox why its tests start by exec.
+    fn note_fallback(&self, reason: &str) {
+        if !self.server.fallback_noted.swap(true, Ordering::Relaxed) {
+            eprintln!("note: dtf: tests start by exec instead of from the fork server: {reason}");
         }
     }
 
@@ -261,22 +313,13 @@ impl Sandbox {
             exec,
             paths: self.paths.clone(),
         };
-        let child_spec = serde_json::to_string(&child_spec).map_err(|e| e.to_string())?;
-        let (result_read, result_write) = result_pipe()?;
-
         let mut vars = spec.env.clone();
         if isolated {
             env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
         }
-        let mut cmd = tokio::process::Command::new(&per_test);
-        cmd.env_clear()
-            .envs(vars.iter().map(|(k, v)| (k, v)))
-            .env(CHILD_VAR, child_spec)
-            .stdin(Stdio::from(result_write))
-            .process_group(0)
-            .kill_on_drop(true);
         if let Some(tmp) = &tmp {
-            cmd.env("HOME", tmp.home()).env("TMPDIR", tmp.tmp());
+            vars.push(("HOME".to_owned(), tmp.home().display().to_string()));
+            vars.push(("TMPDIR".to_owned(), tmp.tmp().display().to_string()));
         }
         let cwd = spec
             .cwd
@@ -284,22 +327,33 @@ impl Sandbox {
             .filter(|dir| dir.is_dir())
             .map(Path::to_path_buf)
             .or_else(|| tmp.as_ref().map(|t| t.home()));
-        if let Some(cwd) = cwd {
-            cmd.current_dir(cwd);
-        }
-        if spec.capture {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+
+        // A dtf binary's per-test process is forked from its fork server (on Linux, unless the
+        // test or the run asks for exec); a libtest binary's relay is exec'd.
+        let forks = spec.spawn == Spawn::Fork
+            && spec.harness == Harness::Dtf
+            && cfg!(target_os = "linux");
+        let forked = if forks {
+            match self.fork_server().await {
+                Ok(server) => {
+                    self.fork(&server, &child_spec, &vars, &cwd, spec.capture)
+                        .await?
+                }
+                Err(StartError::WarmUp(message)) => return Err(message),
+                Err(StartError::Unavailable(_)) => None,
+            }
         } else {
-            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
-        }
-
-        let mut child = spawn_retrying(&mut cmd, &per_test)?;
-        // The child leads its own group: its pid is the group id.
-        let group = GroupGuard(child.id().map(|id| Pid::from_raw(id as i32)));
-        drop(cmd); // closes our copy of the result pipe's write end
-
-        let mut stdout = child.stdout.take();
-        let mut stderr = child.stderr.take();
+            None
+        };
+        let mut process = match forked {
+            Some(process) => process,
+            None => self.exec(&per_test, &child_spec, &vars, &cwd, spec.capture)?,
+        };
+        // The per-test process leads its own group: its pid is the group id.
+        let group = GroupGuard(Some(Pid::from_raw(process.pid)));
+        let result_read = process.result.take().ok_or("no result pipe")?;
+        let mut stdout = process.stdout.take();
+        let mut stderr = process.stderr.take();
         let mut output = Output::default();
         let cap = self.output_cap;
         let timeout_at = spec
@@ -327,8 +381,8 @@ impl Sandbox {
                     Some(n) => output.push(Stream::Stderr, &err_buf[..n], cap),
                     None => stderr = None,
                 },
-                exit = child.wait(), if status.is_none() => {
-                    let exit = exit.map_err(|e| format!("cannot wait for the test process: {e}"))?;
+                exit = process.waiter.wait(), if status.is_none() => {
+                    let exit = exit?;
                     status = Some(exit);
                     // Whatever the test left running in its group goes with it.
                     group.kill();
@@ -382,6 +436,135 @@ impl Sandbox {
             leaked,
         })
     }
+}
+
+impl Sandbox {
+    /// Starts the per-test process from the fork server; `None` when the server will not fork
+    /// (the test then starts by exec, after a note).
+    async fn fork(
+        &self,
+        server: &ForkServer,
+        child_spec: &ChildSpec,
+        env: &[(String, String)],
+        cwd: &Option<PathBuf>,
+        capture: bool,
+    ) -> Result<Option<Started>, String> {
+        let (result_read, result_write) = result_pipe()?;
+        let (stdout, stdout_w) = output_pipe(capture, 1)?;
+        let (stderr, stderr_w) = output_pipe(capture, 2)?;
+        let fds = [stdout_w, stderr_w, result_write];
+        match server
+            .spawn(child_spec.clone(), env.to_vec(), cwd.clone(), fds)
+            .await
+        {
+            Ok(forked) => Ok(Some(Started {
+                pid: forked.pid,
+                stdout,
+                stderr,
+                result: Some(result_read),
+                waiter: Waiter::Forked(forked),
+            })),
+            Err(Refusal::Fallback(reason)) => {
+                self.note_fallback(&reason);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Starts the per-test process by exec of `program` (the test binary, or a libtest
+    /// binary's relay).
+    fn exec(
+        &self,
+        program: &Path,
+        child_spec: &ChildSpec,
+        env: &[(String, String)],
+        cwd: &Option<PathBuf>,
+        capture: bool,
+    ) -> Result<Started, String> {
+        let child_spec = serde_json::to_string(child_spec).map_err(|e| e.to_string())?;
+        let (result_read, result_write) = result_pipe()?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env(CHILD_VAR, child_spec)
+            .stdin(Stdio::from(result_write))
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        if capture {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        }
+        let mut child = spawn_retrying(&mut cmd, program)?;
+        drop(cmd); // closes our copy of the result pipe's write end
+        let pid = child.id().ok_or("the test process vanished")? as i32;
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>);
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>);
+        Ok(Started {
+            pid,
+            stdout,
+            stderr,
+            result: Some(result_read),
+            waiter: Waiter::Exec(child),
+        })
+    }
+}
+
+/// A started per-test process, whichever way it started.
+struct Started {
+    /// Its pid, which is also its process group.
+    pid: i32,
+    stdout: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    stderr: Option<Box<dyn AsyncRead + Unpin + Send>>,
+    result: Option<OwnedFd>,
+    waiter: Waiter,
+}
+
+enum Waiter {
+    Exec(tokio::process::Child),
+    Forked(Forked),
+}
+
+impl Waiter {
+    async fn wait(&mut self) -> Result<ExitStatus, String> {
+        match self {
+            Waiter::Exec(child) => child
+                .wait()
+                .await
+                .map_err(|e| format!("cannot wait for the test process: {e}")),
+            Waiter::Forked(forked) => forked.wait().await,
+        }
+    }
+}
+
+/// A captured stream's pipe (the read end for the parent, the write end for the test), or,
+/// without capture, a copy of this process's own descriptor `fd`.
+type OutputPipe = (Option<Box<dyn AsyncRead + Unpin + Send>>, OwnedFd);
+
+fn output_pipe(capture: bool, fd: i32) -> Result<OutputPipe, String> {
+    use nix::fcntl::OFlag;
+    if !capture {
+        // SAFETY: 1 and 2 are this process's stdout and stderr, open for its lifetime.
+        let own = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let copy = own
+            .try_clone_to_owned()
+            .map_err(|e| format!("cannot pass the output on: {e}"))?;
+        return Ok((None, copy));
+    }
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot create an output pipe: {e}"))?;
+    let read = tokio::net::unix::pipe::Receiver::from_owned_fd(read)
+        .map_err(|e| format!("cannot watch an output pipe: {e}"))?;
+    Ok((Some(Box::new(read)), write))
 }
 
 /// Removes what libtest prints around one test (`running 1 test`, `test NAME ... ok`,
@@ -596,7 +779,7 @@ fn read_records(fd: &OwnedFd) -> (Option<ChildReport>, RelayReport) {
 
 /// Spawns, retrying briefly on `ETXTBSY` (a just-written binary still open in a concurrent
 /// fork).
-fn spawn_retrying(
+pub(crate) fn spawn_retrying(
     cmd: &mut tokio::process::Command,
     program: &Path,
 ) -> Result<tokio::process::Child, String> {

@@ -1,0 +1,738 @@
+//! The fork server: the test binary started once more, in a server role, from which every
+//! test's per-test process is forked instead of exec'd.
+//!
+//! ```text
+//! runner (or dtf-worker)  ──request + 3 descriptors (SCM_RIGHTS)──▶  fork server
+//!        ◀── Started { pid }, Exited { status } ──                    │ fork
+//!                                                                     └── per-test process ...
+//! ```
+//!
+//! The runner starts the server by exec (so it inherits none of the runner's threads or its
+//! async runtime), with a `SOCK_SEQPACKET` socket on its stdin and [`SERVER_VAR`] set. The
+//! server runs the `#[dtf::warm_up]` functions, says it is ready, and then serves one request
+//! at a time: a test's [`ChildSpec`], environment and working directory, with its stdout,
+//! stderr and result pipe as descriptors. It checks that it still has one thread, forks, and
+//! the child does what the spawner does for an exec'd per-test process (its own process group,
+//! the descriptors, the cleared environment, the working directory) before it becomes the
+//! per-test process (`pertest::run`). The server reaps its children and sends each one's raw
+//! wait status back; the runner treats it as the exit status of an exec'd child.
+//!
+//! The server is a child subreaper too: when a per-test process is killed from outside (a
+//! timeout kills its group), what its test had started outside that group comes to the
+//! server, which kills it. It dies with the runner (`PR_SET_PDEATHSIG`), and ends when the
+//! runner closes the socket.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+use nix::unistd::{ForkResult, fork};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
+
+use super::{ChildSpec, pertest};
+use crate::registry::WarmUp;
+
+/// The variable that puts a test binary in the fork server role.
+pub const SERVER_VAR: &str = "__DTF_FORK_SERVER";
+
+/// The largest message either side sends (a request holds the test's whole environment).
+const MAX_MESSAGE: usize = 4 << 20;
+
+/// Set once the warm-ups have run in this process image (the server, and every process it
+/// forks): a test process started by exec runs them itself.
+static WARMED: AtomicBool = AtomicBool::new(false);
+
+/// A request: start one per-test process. Sent with three descriptors: stdout, stderr and the
+/// result pipe's write end.
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    id: u64,
+    spec: ChildSpec,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+}
+
+/// What the server says.
+#[derive(Debug, Serialize, Deserialize)]
+enum Message {
+    /// The warm-ups ran; requests may come.
+    Ready,
+    /// A warm-up failed: the run cannot start.
+    WarmUpFailed { message: String },
+    /// The per-test process of request `id` runs as `pid`.
+    Started { id: u64, pid: i32 },
+    /// The server did not fork for request `id`, and will not again.
+    Refused { id: u64, reason: String },
+    /// The per-test process of request `id` ended with this raw wait status.
+    Exited { id: u64, status: i32 },
+}
+
+// ---- the server side ----
+
+/// If this process was started as a fork server, takes the variable out of the environment.
+/// Must run first in `main`, while the process has one thread.
+pub fn take_role() -> bool {
+    if std::env::var_os(SERVER_VAR).is_none() {
+        return false;
+    }
+    // SAFETY: called at the start of `main`, before any other thread exists.
+    unsafe { std::env::remove_var(SERVER_VAR) };
+    true
+}
+
+/// Runs the warm-ups once, in name order. Each must leave the process single-threaded.
+pub fn run_warm_ups() -> Result<(), String> {
+    if WARMED.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    for warm_up in WarmUp::all() {
+        let name = warm_up.full_name();
+        let func = warm_up.func;
+        let before = thread_count();
+        if let Err(payload) = std::panic::catch_unwind(func) {
+            let message = super::child::payload_text(&*payload);
+            return Err(format!("warm-up `{name}` panicked: {message}"));
+        }
+        let left = thread_count().saturating_sub(before);
+        if left > 0 {
+            return Err(format!(
+                "warm-up `{name}` left {left} thread{} running: a warm-up must not start \
+                 threads (or anything that starts them, such as a multi-threaded runtime or a \
+                 connection pool), since forked tests would share nothing of them",
+                if left == 1 { "" } else { "s" }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The number of threads of this process, from `/proc/self/stat`; 0 when unknown.
+fn thread_count() -> usize {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    // Field 20 (num_threads), counting from the state after the command's closing paren.
+    stat.rfind(')')
+        .and_then(|close| stat[close + 1..].split_whitespace().nth(17))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The server role to its end: never returns.
+pub fn serve() -> ! {
+    let socket = take_socket();
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer and changes only this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
+    crate::registry::Registry::index_for_find();
+    let ready = match run_warm_ups() {
+        Ok(()) => Message::Ready,
+        Err(message) => Message::WarmUpFailed { message },
+    };
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    let failed = matches!(ready, Message::WarmUpFailed { .. });
+    send(socket.as_fd(), &ready);
+    if failed {
+        pertest::exit_now(1);
+    }
+    Server::new(socket).run()
+}
+
+/// Moves the socket off stdin and puts `/dev/null` there.
+fn take_socket() -> OwnedFd {
+    let stdin = std::io::stdin();
+    let Ok(socket) = stdin.as_fd().try_clone_to_owned() else {
+        pertest::exit_now(1);
+    };
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: fd 0 is replaced atomically by dup2.
+        let mut zero = unsafe { OwnedFd::from_raw_fd(0) };
+        let _ = nix::unistd::dup2(&null, &mut zero);
+        std::mem::forget(zero);
+    }
+    socket
+}
+
+struct Server {
+    socket: OwnedFd,
+    signals: nix::sys::signalfd::SignalFd,
+    /// Live per-test processes: pid → request id.
+    running: HashMap<i32, u64>,
+    /// Why the server stopped forking, once it has.
+    refused: Option<String>,
+    buf: Vec<u8>,
+}
+
+impl Server {
+    fn new(socket: OwnedFd) -> Server {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        let _ = mask.thread_block();
+        let signals = match nix::sys::signalfd::SignalFd::with_flags(
+            &mask,
+            nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+        ) {
+            Ok(fd) => fd,
+            Err(_) => pertest::exit_now(1),
+        };
+        Server {
+            socket,
+            signals,
+            running: HashMap::new(),
+            refused: None,
+            buf: vec![0u8; MAX_MESSAGE],
+        }
+    }
+
+    fn run(mut self) -> ! {
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.socket.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.signals.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll(2) gets two valid `pollfd`s.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if ready < 0 {
+                if Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                self.shut_down();
+            }
+            if fds[1].revents != 0 {
+                while let Ok(Some(_)) = self.signals.read_signal() {}
+                self.reap();
+            }
+            if fds[0].revents != 0 && !self.serve_one() {
+                self.shut_down();
+            }
+        }
+    }
+
+    /// Reads and serves one request; false when the runner is gone.
+    fn serve_one(&mut self) -> bool {
+        let (request, fds) = match receive(self.socket.as_fd(), &mut self.buf) {
+            Received::Message(bytes, fds) => match serde_json::from_slice::<Request>(&bytes) {
+                Ok(request) => (request, fds),
+                Err(_) => return true,
+            },
+            Received::Nothing => return true,
+            Received::Closed => return false,
+        };
+        let [stdout, stderr, result]: [OwnedFd; 3] = match fds.try_into() {
+            Ok(fds) => fds,
+            Err(_) => return true,
+        };
+        if self.refused.is_none() {
+            let threads = thread_count();
+            if threads != 1 {
+                self.refused = Some(format!(
+                    "the fork server has {threads} threads (something started a thread before \
+                     main, such as a #[ctor] or a static initialiser), and forking a \
+                     multi-threaded process is not safe"
+                ));
+            }
+        }
+        if let Some(reason) = &self.refused {
+            let reason = reason.clone();
+            send(
+                self.socket.as_fd(),
+                &Message::Refused {
+                    id: request.id,
+                    reason,
+                },
+            );
+            return true;
+        }
+        let mut spec = request.spec;
+        spec.parent = Some(std::process::id());
+        // SAFETY: this process has one thread (checked above); the child becomes the per-test
+        // process, which may run any code.
+        match unsafe { fork() } {
+            Err(e) => {
+                let reason = format!("the fork server cannot fork: {e}");
+                send(
+                    self.socket.as_fd(),
+                    &Message::Refused {
+                        id: request.id,
+                        reason,
+                    },
+                );
+            }
+            Ok(ForkResult::Child) => {
+                // The server's descriptors are not the test's. `self` is never dropped in this
+                // process (what follows never returns), so closing them here is final.
+                // SAFETY: both are open descriptors this process owns.
+                unsafe {
+                    libc::close(self.socket.as_raw_fd());
+                    libc::close(self.signals.as_fd().as_raw_fd());
+                }
+                become_per_test(spec, request.env, request.cwd, stdout, stderr, result)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                self.running.insert(child.as_raw(), request.id);
+                send(
+                    self.socket.as_fd(),
+                    &Message::Started {
+                        id: request.id,
+                        pid: child.as_raw(),
+                    },
+                );
+            }
+        }
+        true
+    }
+
+    /// Reaps every child that ended. A per-test process's status goes to the runner; after
+    /// one was killed, what its test left outside its group (now the server's children) is
+    /// killed too.
+    fn reap(&mut self) {
+        let mut sweep = false;
+        loop {
+            let mut status: libc::c_int = 0;
+            // SAFETY: waitpid(2) writes the status into a valid local.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG | libc::__WALL) };
+            if pid <= 0 {
+                break;
+            }
+            if let Some(id) = self.running.remove(&pid) {
+                sweep |= libc::WIFSIGNALED(status);
+                send(self.socket.as_fd(), &Message::Exited { id, status });
+            }
+        }
+        if sweep {
+            self.kill_orphans();
+        }
+    }
+
+    /// Kills every child that is not a live per-test process: orphans re-parented here.
+    fn kill_orphans(&self) {
+        let me = std::process::id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            if !self.running.contains_key(&pid) {
+                // SAFETY: kill(2) on a child of this process; it is reaped by `reap`.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// The runner is gone: every per-test process's group goes too.
+    fn shut_down(&self) -> ! {
+        for &pid in self.running.keys() {
+            // SAFETY: killpg(2) on the group a per-test process leads.
+            unsafe {
+                libc::killpg(pid, libc::SIGKILL);
+            }
+        }
+        pertest::exit_now(0)
+    }
+}
+
+/// The forked child: takes what the spawner gives an exec'd per-test process, then becomes
+/// one.
+fn become_per_test(
+    spec: ChildSpec,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    result: OwnedFd,
+) -> ! {
+    // The server blocks SIGCHLD for its signalfd; a test process starts with nothing blocked,
+    // as an exec'd one does.
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // SAFETY: setpgid(2) on this process: it leads a new group, as `process_group(0)` does.
+    unsafe {
+        libc::setpgid(0, 0);
+    }
+    for (fd, target) in [(&stdout, 1), (&stderr, 2)] {
+        // SAFETY: dup2 onto 1 and 2, which stay open as this process's stdout and stderr.
+        let mut to = unsafe { OwnedFd::from_raw_fd(target) };
+        let _ = nix::unistd::dup2(fd, &mut to);
+        std::mem::forget(to);
+    }
+    drop(stdout);
+    drop(stderr);
+    // SAFETY: this forked process has one thread: nothing reads the environment concurrently.
+    unsafe {
+        for (name, _) in std::env::vars_os().collect::<Vec<(OsString, OsString)>>() {
+            std::env::remove_var(name);
+        }
+        for (name, value) in &env {
+            std::env::set_var(name, value);
+        }
+    }
+    if let Some(cwd) = cwd {
+        let _ = std::env::set_current_dir(cwd);
+    }
+    pertest::run(spec, File::from(result))
+}
+
+// ---- messages ----
+
+enum Received {
+    Message(Vec<u8>, Vec<OwnedFd>),
+    /// Nothing to read yet (a non-blocking socket), or an error that ends nothing.
+    Nothing,
+    Closed,
+}
+
+fn receive(socket: BorrowedFd<'_>, buf: &mut [u8]) -> Received {
+    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let got = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    );
+    let message = match got {
+        Ok(message) => message,
+        Err(Errno::EAGAIN | Errno::EINTR) => return Received::Nothing,
+        Err(_) => return Received::Closed,
+    };
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = message.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                // SAFETY: the kernel just installed these descriptors in this process.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+    }
+    let len = message.bytes;
+    if len == 0 && fds.is_empty() {
+        return Received::Closed;
+    }
+    Received::Message(buf[..len].to_vec(), fds)
+}
+
+/// Sends one message (blocking); errors mean the runner is gone, which the next read sees.
+fn send(socket: BorrowedFd<'_>, message: &Message) {
+    if let Ok(bytes) = serde_json::to_vec(message) {
+        let _ = send_bytes(socket, &bytes, &[]);
+    }
+}
+
+fn send_bytes(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> nix::Result<usize> {
+    let iov = [IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    loop {
+        match sendmsg::<()>(
+            socket.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+// ---- the runner's side ----
+
+/// What a started per-test process reports to the runner.
+type ExitReceiver = oneshot::Receiver<Result<ExitStatus, String>>;
+
+/// A running fork server, shared by the tests of one run and binary.
+#[derive(Debug)]
+pub struct ForkServer {
+    inner: Arc<Inner>,
+    reader: tokio::task::JoinHandle<()>,
+    process: tokio::sync::Mutex<tokio::process::Child>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    socket: AsyncFd<OwnedFd>,
+    send_lock: tokio::sync::Mutex<()>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    /// Set when the server is gone or refused: later tests start by exec.
+    closed: Mutex<Option<String>>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    started: Option<oneshot::Sender<Result<i32, Refusal>>>,
+    exited: Option<oneshot::Sender<Result<ExitStatus, String>>>,
+}
+
+/// Why a test did not start through the server.
+#[derive(Clone, Debug)]
+pub enum Refusal {
+    /// The server will not fork again (the reason is for a one-time note): start by exec.
+    Fallback(String),
+}
+
+/// A per-test process the server started.
+#[derive(Debug)]
+pub struct Forked {
+    /// Its pid (and process group).
+    pub pid: i32,
+    exited: ExitReceiver,
+}
+
+impl Forked {
+    /// Waits for the per-test process to end.
+    pub async fn wait(&mut self) -> Result<ExitStatus, String> {
+        match (&mut self.exited).await {
+            Ok(result) => result,
+            Err(_) => Err("the fork server ended while the test ran".to_owned()),
+        }
+    }
+}
+
+impl ForkServer {
+    /// Starts `program` as a fork server and waits until its warm-ups have run. `Err` holds a
+    /// warm-up's failure or why the server could not start.
+    pub async fn start(program: &Path) -> Result<ForkServer, StartError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| StartError::Unavailable(format!("cannot create a socket pair: {e}")))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.env(SERVER_VAR, "1")
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(true);
+        let process = super::spawn_retrying(&mut cmd, program).map_err(StartError::Unavailable)?;
+        drop(cmd);
+        nix::fcntl::fcntl(
+            &ours,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| StartError::Unavailable(format!("cannot configure the socket: {e}")))?;
+        // SAFETY: the `OwnedFd` moves into the `AsyncFd` and stays open for its lifetime.
+        let socket = unsafe { AsyncFd::register(ours) }
+            .map_err(|e| StartError::Unavailable(format!("cannot watch the socket: {e}")))?;
+        let inner = Arc::new(Inner {
+            socket,
+            send_lock: tokio::sync::Mutex::new(()),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: Mutex::new(None),
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        match inner.recv(&mut buf).await {
+            Some(Message::Ready) => {}
+            Some(Message::WarmUpFailed { message }) => return Err(StartError::WarmUp(message)),
+            _ => {
+                return Err(StartError::Unavailable(
+                    "the fork server ended before it was ready".to_owned(),
+                ));
+            }
+        }
+        let reader = tokio::spawn(read_loop(inner.clone(), buf));
+        Ok(ForkServer {
+            inner,
+            reader,
+            process: tokio::sync::Mutex::new(process),
+        })
+    }
+
+    /// Ends the server: it sees the socket close, kills what is left of its per-test
+    /// processes and exits; it is waited for (at most a second, then killed).
+    pub async fn stop(&self) {
+        self.inner.close("the fork server was stopped".to_owned());
+        // SAFETY: shutdown(2) on the socket this server owns.
+        unsafe {
+            libc::shutdown(self.inner.socket.get_ref().as_raw_fd(), libc::SHUT_RDWR);
+        }
+        let mut process = self.process.lock().await;
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(1), process.wait()).await;
+        if waited.is_err() {
+            let _ = process.kill().await;
+        }
+    }
+
+    /// Starts one per-test process. `fds` are its stdout, stderr and the result pipe's write
+    /// end; they are closed here once the server holds its copies.
+    pub async fn spawn(
+        &self,
+        spec: ChildSpec,
+        env: Vec<(String, String)>,
+        cwd: Option<PathBuf>,
+        fds: [OwnedFd; 3],
+    ) -> Result<Forked, Refusal> {
+        if let Some(reason) = self.closed() {
+            return Err(Refusal::Fallback(reason));
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = Request { id, spec, env, cwd };
+        let bytes = serde_json::to_vec(&request)
+            .map_err(|e| Refusal::Fallback(format!("cannot encode the request: {e}")))?;
+        let (started_tx, started_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = oneshot::channel();
+        self.inner.lock_pending().insert(
+            id,
+            Pending {
+                started: Some(started_tx),
+                exited: Some(exited_tx),
+            },
+        );
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        if let Err(reason) = self.inner.send(&bytes, &raw).await {
+            self.inner.lock_pending().remove(&id);
+            return Err(Refusal::Fallback(self.inner.close(reason)));
+        }
+        drop(fds);
+        match started_rx.await {
+            Ok(Ok(pid)) => Ok(Forked {
+                pid,
+                exited: exited_rx,
+            }),
+            Ok(Err(refusal)) => Err(refusal),
+            Err(_) => Err(Refusal::Fallback(
+                self.closed()
+                    .unwrap_or_else(|| "the fork server ended".to_owned()),
+            )),
+        }
+    }
+
+    fn closed(&self) -> Option<String> {
+        self.inner
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Why a fork server did not start.
+#[derive(Clone, Debug)]
+pub enum StartError {
+    /// A warm-up failed: the run must stop.
+    WarmUp(String),
+    /// The server could not start: tests start by exec instead.
+    Unavailable(String),
+}
+
+impl Inner {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the server closed (the first reason wins) and returns the reason.
+    fn close(&self, reason: String) -> String {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        closed.get_or_insert(reason).clone()
+    }
+
+    async fn send(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), String> {
+        let _one_at_a_time = self.send_lock.lock().await;
+        loop {
+            let mut guard = self
+                .socket
+                .writable()
+                .await
+                .map_err(|e| format!("the fork server's socket failed: {e}"))?;
+            match send_bytes(self.socket.get_ref().as_fd(), bytes, fds) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(format!("cannot reach the fork server: {e}")),
+            }
+        }
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> Option<Message> {
+        loop {
+            let mut guard = self.socket.readable().await.ok()?;
+            match receive(self.socket.get_ref().as_fd(), buf) {
+                Received::Message(bytes, _) => match serde_json::from_slice(&bytes) {
+                    Ok(message) => return Some(message),
+                    Err(_) => continue,
+                },
+                Received::Nothing => guard.clear_ready(),
+                Received::Closed => return None,
+            }
+        }
+    }
+}
+
+/// Hands the server's messages to the tests waiting for them; when the server is gone, every
+/// waiting test learns it.
+async fn read_loop(inner: Arc<Inner>, mut buf: Vec<u8>) {
+    while let Some(message) = inner.recv(&mut buf).await {
+        let mut pending = inner.lock_pending();
+        match message {
+            Message::Started { id, pid } => {
+                if let Some(sender) = pending.get_mut(&id).and_then(|p| p.started.take()) {
+                    let _ = sender.send(Ok(pid));
+                }
+            }
+            Message::Refused { id, reason } => {
+                if let Some(mut p) = pending.remove(&id) {
+                    let reason = inner.close(reason);
+                    if let Some(sender) = p.started.take() {
+                        let _ = sender.send(Err(Refusal::Fallback(reason)));
+                    }
+                }
+            }
+            Message::Exited { id, status } => {
+                if let Some(sender) = pending.remove(&id).and_then(|mut p| p.exited.take()) {
+                    let _ = sender.send(Ok(ExitStatus::from_raw(status)));
+                }
+            }
+            Message::Ready | Message::WarmUpFailed { .. } => {}
+        }
+    }
+    let reason = inner.close("the fork server ended".to_owned());
+    for (_, mut p) in inner.lock_pending().drain() {
+        if let Some(sender) = p.started.take() {
+            let _ = sender.send(Err(Refusal::Fallback(reason.clone())));
+        }
+        if let Some(sender) = p.exited.take() {
+            let _ = sender.send(Err(format!("{reason} while the test ran")));
+        }
+    }
+}
