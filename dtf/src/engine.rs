@@ -19,8 +19,8 @@ use crate::plan::{Defaults, Explicit, Origin};
 use crate::registry::{Isolation, Spawn};
 use crate::report::{Reporters, RunInfo, Summary};
 use crate::runner::{self, Ending, LocalOptions};
-use crate::sandbox::{Harness, Sandbox};
 use crate::sandbox::env;
+use crate::sandbox::{Harness, Sandbox};
 
 /// libtest's exit code for a failed run.
 pub const EXIT_FAILED: i32 = 101;

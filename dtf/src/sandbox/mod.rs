@@ -21,11 +21,11 @@ pub mod rundir;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::outcome::{Attempt, Failure, Output, Stream};
-use forkserver::{ForkServer, Forked, Refusal, StartError};
 use crate::registry::{Isolation, Spawn};
+use forkserver::{ForkServer, Forked, Refusal, StartError};
 
 /// The variable that puts a re-executed test binary in the child role. It holds a
 /// JSON-encoded [`ChildSpec`] and is removed from the environment before the test runs.
@@ -330,9 +330,8 @@ impl Sandbox {
 
         // A dtf binary's per-test process is forked from its fork server (on Linux, unless the
         // test or the run asks for exec); a libtest binary's relay is exec'd.
-        let forks = spec.spawn == Spawn::Fork
-            && spec.harness == Harness::Dtf
-            && cfg!(target_os = "linux");
+        let forks =
+            spec.spawn == Spawn::Fork && spec.harness == Harness::Dtf && cfg!(target_os = "linux");
         let forked = if forks {
             match self.fork_server().await {
                 Ok(server) => {
