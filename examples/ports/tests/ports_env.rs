@@ -1,5 +1,5 @@
 //! The same tests at isolation level `env`: one network, one /tmp and one process table for all
-//! of them, so they collide and leave helpers behind. Run with
+//! of them, so they collide (the helper they start is caught and reported as leaked). Run with
 //! `cargo test -p ports --features contrast --test ports_env`.
 
 include!("common/cases.rs");
