@@ -142,3 +142,278 @@ fn a_token_file_others_can_read_is_warned_about() {
         worker.output()
     );
 }
+
+/// Raises this process's soft open-file limit to its hard limit (the attacker side of the
+/// flood tests needs thousands of sockets; the worker under test keeps its own limit).
+fn raise_own_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    hard
+}
+
+/// Lines of the worker's log that report refused connections.
+fn refusal_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("refused")).collect()
+}
+
+/// The sum of the counts by reason in refusal lines: `refused … (bad token 61, evicted 6) …`.
+fn refusal_counts(lines: &[&str]) -> std::collections::BTreeMap<String, u64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for line in lines {
+        let Some(inside) = line
+            .split_once('(')
+            .and_then(|(_, rest)| rest.split_once(')'))
+        else {
+            continue;
+        };
+        for part in inside.0.split(", ") {
+            if let Some((reason, Ok(n))) = part
+                .rsplit_once(' ')
+                .map(|(reason, n)| (reason, n.parse::<u64>()))
+            {
+                *counts.entry(reason.to_owned()).or_default() += n;
+            }
+        }
+    }
+    counts
+}
+
+/// An attacker holding `n` idle connections to `addr`, reopening each one the worker closes,
+/// until dropped. Returns how many connections it opened in all.
+struct IdleFlood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, usize)>>,
+}
+
+impl IdleFlood {
+    fn start(addr: &str, n: usize) -> IdleFlood {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let addr = addr.to_owned();
+        let connect = move || -> Option<std::net::TcpStream> {
+            let s = std::net::TcpStream::connect_timeout(
+                &addr.parse().expect("addr"),
+                Duration::from_secs(2),
+            )
+            .ok()?;
+            s.set_nonblocking(true).ok()?;
+            Some(s)
+        };
+        let thread = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut conns: Vec<Option<std::net::TcpStream>> = Vec::with_capacity(n);
+            let mut opened = 0;
+            for _ in 0..n {
+                conns.push(connect());
+                opened += 1;
+            }
+            let mut peak = conns.iter().flatten().count();
+            // Reopen what the worker closed, for as long as the test runs (at most 5 minutes).
+            while !flag.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(300) {
+                let mut buf = [0u8; 64];
+                for slot in conns.iter_mut() {
+                    let closed = match slot {
+                        None => true,
+                        Some(s) => match s.read(&mut buf) {
+                            Ok(0) => true,
+                            Ok(_) => false,
+                            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                        },
+                    };
+                    if closed {
+                        *slot = connect();
+                        opened += 1;
+                    }
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+                peak = peak.max(conns.iter().flatten().count());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (opened, peak)
+        });
+        IdleFlood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the flood; (connections opened in all, most held at once).
+    fn stop(mut self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for IdleFlood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn two_thousand_idle_connections_under_ulimit_1024_do_not_lock_a_coordinator_out() {
+    raise_own_nofile();
+    let w = Worker::start_with(WorkerConfig {
+        nofile: Some(1024),
+        ..WorkerConfig::default()
+    });
+    let flood = IdleFlood::start(&w.addr, 2000);
+    // Let the flood reach the worker's caps before the coordinator arrives.
+    assert!(
+        eventually(Duration::from_secs(60), || w.log().contains("evicted")),
+        "{}",
+        w.log()
+    );
+    let fixture = fixture();
+    let mut cmd = w.command(&fixture);
+    cmd.env("DTF_REQUIRE_WORKERS", "1")
+        .env("FIXTURE_SLEEP_MS", "0")
+        .arg("dist_sleep");
+    let run = run_bounded(&mut cmd, MINUTE);
+    let (opened, peak) = flood.stop();
+    assert_eq!(run.code, Some(0), "{}\n{}", run.dump(), w.log());
+    assert!(run.stdout.contains("dtf: 1 worker;"), "{}", run.dump());
+    assert!(
+        opened >= 2000 && peak > 1024,
+        "opened {opened}, peak {peak}"
+    );
+    let log = w.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(log.contains("nofile=1024"), "{log}");
+    // Thousands of refusals, a handful of lines.
+    let lines = refusal_lines(&log);
+    let counts = refusal_counts(&lines);
+    assert!(
+        counts.get("evicted").copied().unwrap_or(0) > 500,
+        "{counts:?}\n{log}"
+    );
+    assert!(lines.len() <= 2 + 60 / 10, "{lines:#?}");
+}
+
+#[test]
+fn a_hundred_failed_handshakes_make_a_bounded_number_of_log_lines_and_back_off() {
+    let w = Worker::start();
+    let wrong = dtf::protocol::Token::new("wrong-token-wrong-token-wrong-token-0123", "test")
+        .expect("token");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = std::time::Instant::now();
+    let failures = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let addr = w.addr.clone();
+            let wrong = wrong.clone();
+            tasks.push(tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .expect("connect");
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    dtf::protocol::client_handshake(stream, Some(&wrong)),
+                )
+                .await
+                .map(|r| r.map(|_| ()))
+            }));
+        }
+        let mut failures = Vec::new();
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(Err(e)) => failures.push(e.to_string()),
+                Ok(Ok(())) => panic!("a wrong token was accepted"),
+                Err(_) => failures.push("timed out".to_owned()),
+            }
+        }
+        failures
+    });
+    assert_eq!(failures.len(), 100);
+    let rejected = failures
+        .iter()
+        .filter(|f| f.contains("rejected the token"))
+        .count();
+    assert!(rejected >= 1, "{failures:#?}");
+    // All 100 are counted within two log periods, in at most three lines.
+    let counted = || {
+        let log = w.log();
+        let counts = refusal_counts(&refusal_lines(&log));
+        counts.values().sum::<u64>()
+    };
+    assert!(
+        eventually(Duration::from_secs(25), || counted() >= 100),
+        "{}",
+        w.log()
+    );
+    let log = w.log();
+    let lines = refusal_lines(&log);
+    let counts = refusal_counts(&lines);
+    assert_eq!(counts.values().sum::<u64>(), 100, "{counts:?}\n{log}");
+    assert!(
+        counts.get("bad token").copied().unwrap_or(0) >= 1,
+        "{counts:?}"
+    );
+    assert!(
+        lines.len() <= 2 + (started.elapsed().as_secs() as usize) / 10,
+        "{lines:#?}"
+    );
+
+    // One guess after another: the back-off doubles each time, so only a handful fit in 3 s.
+    let (guesses, backing_off) = rt.block_on(async {
+        let started = std::time::Instant::now();
+        let (mut guesses, mut backing_off) = (0, 0);
+        while started.elapsed() < Duration::from_secs(3) {
+            let stream = tokio::net::TcpStream::connect(&w.addr)
+                .await
+                .expect("connect");
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                dtf::protocol::client_handshake(stream, Some(&wrong)),
+            )
+            .await;
+            match r {
+                Ok(Err(e)) if e.to_string().contains("rejected the token") => guesses += 1,
+                Ok(Err(_)) => backing_off += 1,
+                other => panic!("{:?}", other.map(|r| r.map(|_| ()))),
+            }
+        }
+        (guesses, backing_off)
+    });
+    assert!(
+        (1..=8).contains(&guesses),
+        "{guesses} guesses, {backing_off} others"
+    );
+
+    // The right token still gets in: it waits out the back-off, and clears it.
+    let right = dtf::protocol::Token::new(TOKEN, "test").expect("token");
+    let handshake = || async {
+        let stream = tokio::net::TcpStream::connect(&w.addr)
+            .await
+            .expect("connect");
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            dtf::protocol::client_handshake(stream, Some(&right)),
+        )
+        .await
+        .map(|r| r.map(|_| ()));
+        (r, started.elapsed())
+    };
+    let first = rt.block_on(handshake());
+    assert!(matches!(first.0, Ok(Ok(()))), "{first:?}\n{}", w.log());
+    let second = rt.block_on(handshake());
+    assert!(
+        matches!(second.0, Ok(Ok(()))) && second.1 < Duration::from_secs(2),
+        "{second:?}"
+    );
+}

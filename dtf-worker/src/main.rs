@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+mod admission;
 mod cache;
 mod fair;
 mod service;
@@ -281,8 +282,25 @@ fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("dtf-worker"))
 }
 
+/// Raises the soft open-file limit to the hard limit; the soft limit in force afterwards.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            return soft;
+        }
+        return hard;
+    }
+    soft
+}
+
 async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
     let token = load_token(args.token_file.as_deref())?;
+    let nofile = raise_nofile();
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&args.listen)
         .await
         .map_err(|error| WorkerError::BadListen {
@@ -320,12 +338,10 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
     // before the worker announces itself.
     let run_dir = dtf::sandbox::rundir::RunDir::create_in(&std::env::temp_dir())
         .map_err(WorkerError::TempDir)?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|error| WorkerError::Bind {
-            addr: addr.to_string(),
-            error,
-        })?;
+    let listener = bind(addr).map_err(|error| WorkerError::Bind {
+        addr: addr.to_string(),
+        error,
+    })?;
     let local = listener.local_addr().map_err(|error| WorkerError::Bind {
         addr: addr.to_string(),
         error,
@@ -351,6 +367,7 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
         cache = %cache_dir.display(),
         cache_max = %format_size(args.cache_max),
         auth = token.is_some(),
+        nofile,
         "serving"
     );
 
@@ -392,9 +409,30 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
             stop_tx.send_replace(true);
         });
     }
-    service::serve(listener, shared, token, stop_rx).await;
+    let limits = admission::Limits::for_nofile(nofile);
+    info!(
+        nofile,
+        total = limits.max_total,
+        per_source = limits.max_per_source,
+        "unauthenticated connections are capped"
+    );
+    let gate = service::Gate::new(limits);
+    service::serve(listener, shared, token, gate, stop_rx).await;
     info!("stopped");
     Ok(())
+}
+
+/// Listens on `addr` with a long accept queue (4096, or the kernel's cap), so that a flood of
+/// connections does not crowd a coordinator out of the queue before the worker accepts it.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn stop_on_signals(stop: watch::Sender<bool>) {

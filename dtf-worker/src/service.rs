@@ -29,10 +29,11 @@ use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
+use crate::admission::{Admission, Admitted, Limits, Ready, Refusal, Source};
 use crate::cache::Cache;
 use crate::fair::{RunId, SlotPool};
 
@@ -528,20 +529,114 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// The connections that have not authenticated yet: the [`Admission`] rules, a way to ask each
+/// to leave (eviction), and a bound on their sockets (including those still closing).
+pub struct Gate {
+    state: Mutex<(Admission, HashMap<u64, oneshot::Sender<()>>)>,
+    sockets: Arc<Semaphore>,
+}
+
+impl Gate {
+    /// A gate with these limits.
+    pub fn new(limits: Limits) -> Arc<Gate> {
+        Arc::new(Gate {
+            state: Mutex::new((Admission::new(limits), HashMap::new())),
+            // Room for the caps, and as many again for connections being closed.
+            sockets: Arc::new(Semaphore::new(2 * limits.max_total)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (Admission, HashMap<u64, oneshot::Sender<()>>)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a connection from `source`: its id and the signal that asks it to leave.
+    fn admit(&self, source: Source) -> (u64, oneshot::Receiver<()>) {
+        let mut state = self.lock();
+        let Admitted { id, evict } = state.0.admit(source, Instant::now());
+        for victim in evict {
+            if let Some(tx) = state.1.remove(&victim) {
+                let _ = tx.send(());
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        state.1.insert(id, tx);
+        (id, rx)
+    }
+
+    /// Connection `id` was asked to leave but its greeting is there: it stays.
+    fn reinstate(&self, id: u64, source: Source) -> oneshot::Receiver<()> {
+        let mut state = self.lock();
+        state.0.reinstate(id, source, Instant::now());
+        let (tx, rx) = oneshot::channel();
+        state.1.insert(id, tx);
+        rx
+    }
+
+    fn ready(&self, id: u64, source: Source) -> Ready {
+        self.lock().0.ready(id, source, Instant::now())
+    }
+
+    fn done(
+        &self,
+        id: u64,
+        source: Source,
+        peer: SocketAddr,
+        waited: bool,
+        result: Result<(), Refusal>,
+    ) {
+        let mut state = self.lock();
+        state.1.remove(&id);
+        let line = state
+            .0
+            .done(id, source, peer, waited, result, Instant::now());
+        drop(state);
+        log_refusals(line);
+    }
+
+    fn flush(&self) {
+        let line = self.lock().0.flush(Instant::now());
+        log_refusals(line);
+    }
+}
+
+fn log_refusals(line: Option<String>) {
+    if let Some(line) = line {
+        warn!("{line}");
+    }
+}
+
 /// Accepts connections until `shutdown` turns true, then ends every connection (killing
 /// their tests) and returns.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     token: Option<Token>,
+    gate: Arc<Gate>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // No accept while the unauthenticated sockets (and those closing) are at their bound:
+        // the kernel's accept queue waits instead of this process running out of descriptors.
+        let permit = tokio::select! {
+            permit = gate.sockets.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = tick.tick() => { gate.flush(); continue; }
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    connections.spawn(handle(stream, peer, shared.clone(), token.clone()));
+                    let source = Source::of(peer);
+                    let (id, evicted) = gate.admit(source);
+                    let pending = PendingConn { id, source, peer, evicted, gate: gate.clone(), permit, waited: false };
+                    connections.spawn(handle(stream, pending, shared.clone(), token.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait a little, keep serving.
@@ -549,6 +644,7 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
+            _ = tick.tick() => gate.flush(),
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
@@ -560,26 +656,139 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, token: Option<Token>) {
-    protocol::configure_socket(&stream);
-    let (closed_tx, mut closed) = watch::channel(false);
+/// A connection that has not authenticated yet.
+struct PendingConn {
+    id: u64,
+    source: Source,
+    peer: SocketAddr,
+    evicted: oneshot::Receiver<()>,
+    gate: Arc<Gate>,
+    permit: OwnedSemaphorePermit,
+    /// It waited out its source's back-off (and so held the source's one waiting place).
+    waited: bool,
+}
+
+/// Why a handshake did not complete.
+enum Unauthenticated {
+    Handshake(protocol::HandshakeError),
+    Evicted,
+    BackingOff,
+    Timeout,
+}
+
+/// True when bytes are waiting on `stream` (looked at without reading them).
+fn has_data(stream: &TcpStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    let mut byte = [0u8; 1];
+    matches!(
+        recv(
+            stream.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Ok(1)
+    )
+}
+
+/// Waits for the greeting (or eviction), then the back-off, then runs the handshake.
+async fn authenticate(
+    stream: TcpStream,
+    pending: &mut PendingConn,
+    token: Option<&Token>,
+    closed: watch::Sender<bool>,
+) -> Result<protocol::SecureStream<Watched>, Unauthenticated> {
+    loop {
+        tokio::select! {
+            biased;
+            ready = stream.readable() => match ready {
+                Ok(()) => break,
+                Err(e) => return Err(Unauthenticated::Handshake(e.into())),
+            },
+            _ = &mut pending.evicted => {
+                if has_data(&stream) {
+                    pending.evicted = pending.gate.reinstate(pending.id, pending.source);
+                } else {
+                    return Err(Unauthenticated::Evicted);
+                }
+            }
+        }
+    }
+    match pending.gate.ready(pending.id, pending.source) {
+        Ready::Go => {}
+        Ready::BackingOff => return Err(Unauthenticated::BackingOff),
+        Ready::Wait(delay) => {
+            pending.waited = true;
+            tokio::time::sleep(delay).await;
+        }
+    }
     let io = Watched {
         inner: stream,
-        closed: closed_tx,
+        closed,
     };
-    let stream = match tokio::time::timeout(
+    tokio::select! {
+        r = protocol::server_handshake(io, token) => r.map_err(Unauthenticated::Handshake),
+        _ = &mut pending.evicted => Err(Unauthenticated::Evicted),
+    }
+}
+
+async fn handle(
+    stream: TcpStream,
+    mut pending: PendingConn,
+    shared: Arc<Shared>,
+    token: Option<Token>,
+) {
+    protocol::configure_socket(&stream);
+    let (closed_tx, mut closed) = watch::channel(false);
+    let outcome = match tokio::time::timeout(
         HANDSHAKE_LIMIT,
-        protocol::server_handshake(io, token.as_ref()),
+        authenticate(stream, &mut pending, token.as_ref(), closed_tx),
     )
     .await
     {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            warn!(%peer, "refused a connection: {e}");
-            return;
+        Ok(done) => done,
+        Err(_) => Err(Unauthenticated::Timeout),
+    };
+    let PendingConn {
+        id: gate_id,
+        source,
+        peer,
+        gate,
+        permit,
+        waited,
+        ..
+    } = pending;
+    let stream = match outcome {
+        Ok(stream) => {
+            gate.done(gate_id, source, peer, waited, Ok(()));
+            drop(permit);
+            stream
         }
-        Err(_) => {
-            warn!(%peer, "refused a connection: no handshake within {HANDSHAKE_LIMIT:?}");
+        Err(why) => {
+            let refusal = match why {
+                Unauthenticated::Handshake(e) => Refusal {
+                    reason: e.reason(),
+                    failed_auth: e.is_failed_authentication(),
+                    message: e.to_string(),
+                },
+                Unauthenticated::Evicted => Refusal {
+                    reason: "evicted",
+                    failed_auth: false,
+                    message: "closed to make room: too many unauthenticated connections".into(),
+                },
+                Unauthenticated::BackingOff => Refusal {
+                    reason: "backing off",
+                    failed_auth: false,
+                    message: "closed: this address is backing off after failed authentication"
+                        .into(),
+                },
+                Unauthenticated::Timeout => Refusal {
+                    reason: "timeout",
+                    failed_auth: false,
+                    message: format!("no handshake within {HANDSHAKE_LIMIT:?}"),
+                },
+            };
+            gate.done(gate_id, source, peer, waited, Err(refusal));
             return;
         }
     };
