@@ -46,7 +46,10 @@ fn generate(
         .map_err(|e| format!("Cargo.lock: {e}"))?;
     write_if_changed(&root.join("Cargo.lock"), &lock)?;
     let mut manifest = String::from(
-        "[package]\nname = \"suite\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[dev-dependencies]\n",
+        // The library only exists because a package needs one; it has no tests, and libtest
+        // (unit tests, doctests) would refuse dtf's flags after `cargo test --`.
+        "[package]\nname = \"suite\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+         [lib]\ntest = false\ndoctest = false\n\n[dev-dependencies]\n",
     );
     if dtf {
         manifest.push_str(&format!(
