@@ -528,16 +528,11 @@ fn full_gives_each_test_a_private_overlay_of_the_package_root() {
         "{}",
         run.dump()
     );
-    if mark.starts_with("/tmp") {
+    if mark.starts_with("/tmp") && run.stderr.contains("share the real package root") {
         // A checkout under /tmp is bound back onto each test's private /tmp, and the overlay
-        // over that binding is refused on some kernels (gVisor's among them): what must hold
-        // then is the documented fallback, said once.
-        println!("checkout under /tmp: checking the overlay's documented fallback");
-        assert!(
-            run.stderr.contains("share the real package root"),
-            "{}",
-            run.dump()
-        );
+        // over that binding is refused on some kernels (gVisor's among them): then the
+        // documented fallback, said once, is what must hold.
+        println!("checkout under /tmp and the overlay refused: the documented fallback held");
         return;
     }
     assert!(!leaked, "a test's write reached the source tree");
