@@ -76,12 +76,14 @@ pub struct Limits {
 
 impl Limits {
     /// Limits that fit an open-file limit of `nofile`: a quarter of it for unauthenticated
-    /// connections (between 16 and 1024), a quarter of that per source (at least 4).
+    /// connections (between 16 and 1024), half of that per source (at least 4): the more room
+    /// per source, the longer a coordinator sharing an address with a flood has to send its
+    /// greeting before it could be evicted.
     pub fn for_nofile(nofile: u64) -> Limits {
         let max_total = (nofile / 4).clamp(16, 1024) as usize;
         Limits {
             max_total,
-            max_per_source: (max_total / 4).max(4),
+            max_per_source: (max_total / 2).max(4),
         }
     }
 }

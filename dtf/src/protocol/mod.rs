@@ -109,7 +109,33 @@ pub async fn connect(
     let mut last = None;
     for peer in addrs {
         match tokio::time::timeout(limit, TcpStream::connect(peer)).await {
-            Ok(Ok(stream)) => return open(stream, peer, addr, token, hello, limit).await,
+            Ok(Ok(stream)) => {
+                // A worker flooded with idle connections may close ours before reading its
+                // greeting (it evicts the idlest): try again, a few times, within the limit.
+                let started = std::time::Instant::now();
+                let mut stream = stream;
+                let mut attempt = 1;
+                loop {
+                    match open(stream, peer, addr, token, hello.clone(), limit).await {
+                        Err(ConnectError::Handshake {
+                            error: HandshakeError::Io(_),
+                            ..
+                        }) if attempt < 4 && started.elapsed() < limit / 2 => {
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                            match tokio::time::timeout(limit, TcpStream::connect(peer)).await {
+                                Ok(Ok(again)) => stream = again,
+                                _ => break,
+                            }
+                        }
+                        result => return result,
+                    }
+                }
+                last = Some(ConnectError::ConnectTimeout {
+                    addr: addr.to_owned(),
+                    after: limit,
+                });
+            }
             Ok(Err(error)) => {
                 last = Some(ConnectError::Connect {
                     addr: addr.to_owned(),
