@@ -381,12 +381,7 @@ impl Worker for Conn {
             },
         );
         let _running = RunningGuard { shared, id };
-        // One sandbox (and so one fork server) per binary and input tree on this connection.
-        let key = (digest, inputs);
-        let cached = self.state().sandboxes.get(&key).cloned();
-        let fresh = cached.is_none();
-        let mut sandbox =
-            cached.unwrap_or_else(|| Sandbox::new(path, shared.tmp_root.clone(), false));
+        let mut binds = None;
         if let Some(tree) = &tree {
             let remap = shared.path_mapping.is_some();
             tree.rewrite_env(&mut spec.env, remap);
@@ -397,16 +392,27 @@ impl Worker for Conn {
                     .as_ref()
                     .and_then(|cwd| cwd.to_str())
                     .and_then(|cwd| tree.local_path(cwd));
-            } else if fresh {
-                sandbox = sandbox.with_paths(PathMap {
-                    binds: tree.binds(),
-                    cwd: spec.cwd.clone(),
-                });
+            } else {
+                binds = Some(tree.binds());
             }
         }
-        if fresh {
-            self.state().sandboxes.insert(key, sandbox.clone());
-        }
+        // One sandbox (and so one fork server) per binary and input tree on this connection,
+        // looked up and inserted under one lock: tests that arrive together share it.
+        let sandbox = self
+            .state()
+            .sandboxes
+            .entry((digest, inputs))
+            .or_insert_with(|| {
+                let sandbox = Sandbox::new(path, shared.tmp_root.clone(), false);
+                match binds {
+                    Some(binds) => sandbox.with_paths(PathMap {
+                        binds,
+                        cwd: spec.cwd.clone(),
+                    }),
+                    None => sandbox,
+                }
+            })
+            .clone();
         let attempt = sandbox.run(&spec).await;
         shared.tests_run.fetch_add(1, Ordering::Relaxed);
         match &attempt.failure {
