@@ -424,3 +424,116 @@ fn a_hundred_failed_handshakes_make_a_bounded_number_of_log_lines_and_back_off()
         "{second:?}"
     );
 }
+
+/// The ends of a run's output (a few MiB would drown a failure message).
+fn brief(run: &Run) -> String {
+    let ends = |s: &str| {
+        let chars: Vec<char> = s.chars().collect();
+        if chars.len() <= 4000 {
+            return s.to_owned();
+        }
+        let head: String = chars[..2000].iter().collect();
+        let tail: String = chars[chars.len() - 2000..].iter().collect();
+        format!("{head}\n[... {} characters ...]\n{tail}", chars.len() - 4000)
+    };
+    format!(
+        "exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        run.code,
+        ends(&run.stdout),
+        ends(&run.stderr)
+    )
+}
+
+/// Checks that a run of `cap_big_output_then_panic` failed and its report shows the head, the
+/// note and the panic message at the end; returns the note's line.
+fn assert_head_note_and_panic(run: &Run) -> String {
+    assert_eq!(run.code, Some(101), "{}", brief(run));
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        all.contains("first line of the output"),
+        "{}",
+        brief(run)
+    );
+    let note = all
+        .lines()
+        .find(|l| l.starts_with("[dtf: output truncated: "))
+        .unwrap_or_else(|| panic!("no cut note: {}", brief(run)))
+        .to_owned();
+    assert!(
+        all.contains("the panic after 5 MiB of output"),
+        "{}",
+        brief(run)
+    );
+    assert!(
+        all.find("the panic after 5 MiB of output") > all.find(&note),
+        "{}",
+        brief(run)
+    );
+    note
+}
+
+#[test]
+fn over_the_output_cap_a_failure_keeps_the_head_and_the_panic_message_locally_and_on_a_worker() {
+    let test = ["--exact", "cap_big_output_then_panic"];
+    let local = run_bounded(dtf_command(&fixture()).args(test), MINUTE);
+    let note = assert_head_note_and_panic(&local);
+    // 5 MiB and a line printed, 4 MiB kept: 2 MiB of head, 2 MiB of tail.
+    assert!(
+        note.contains("the first 2097152 and the last 2097152 bytes are kept"),
+        "{note}"
+    );
+
+    let remote = run_bounded(
+        dtf_command(&fixture())
+            .env("DTF_WORKERS", "local:1")
+            .env("DTF_REQUIRE_WORKERS", "1")
+            .args(test),
+        MINUTE,
+    );
+    assert_head_note_and_panic(&remote);
+
+    // The coordinator's cap travels to the worker.
+    let small = run_bounded(
+        dtf_command(&fixture())
+            .env("DTF_WORKERS", "local:1")
+            .env("DTF_REQUIRE_WORKERS", "1")
+            .env("DTF_OUTPUT_CAP", "64KiB")
+            .args(test),
+        MINUTE,
+    );
+    let note = assert_head_note_and_panic(&small);
+    assert!(
+        note.contains("the first 32768 and the last 32768 bytes are kept"),
+        "{note}"
+    );
+
+    // Under --nocapture a worker's output is printed as it arrives, with the same cut.
+    let nocapture = run_bounded(
+        dtf_command(&fixture())
+            .env("DTF_WORKERS", "local:1")
+            .env("DTF_REQUIRE_WORKERS", "1")
+            .env("DTF_OUTPUT_CAP", "64KiB")
+            .args(test)
+            .arg("--nocapture"),
+        MINUTE,
+    );
+    let note = assert_head_note_and_panic(&nocapture);
+    assert!(note.contains("bytes dropped here"), "{note}");
+}
+
+#[test]
+fn an_output_cap_larger_than_a_frame_can_carry_is_refused() {
+    let run = run_bounded(
+        dtf_command(&fixture())
+            .env("DTF_OUTPUT_CAP", "7MiB")
+            .args(["--exact", "dist_sleep_1"]),
+        MINUTE,
+    );
+    assert_eq!(run.code, Some(101), "{}", run.dump());
+    assert!(
+        run.stderr.contains("DTF_OUTPUT_CAP") && run.stderr.contains("at most 6MiB"),
+        "{}",
+        run.dump()
+    );
+    assert!(!run.stdout.contains("running"), "{}", run.dump());
+}

@@ -645,7 +645,8 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
                 b.path.clone(),
                 run_dir.path().to_path_buf(),
                 settings.keep_tmp,
-            );
+            )
+            .with_output_cap(settings.output_cap);
             match &relay {
                 Some(relay) => sandbox.with_relay(relay.clone()),
                 None => sandbox,

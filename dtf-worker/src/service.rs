@@ -356,8 +356,12 @@ impl Worker for Conn {
         if spec.isolation == Isolation::FullOrEnv {
             spec.isolation = Isolation::Full;
         }
-        // Output always comes back in the response.
+        // Output always comes back in the response, capped as the coordinator asked.
         spec.capture = true;
+        let output_cap = match dtf::outcome::take_output_cap(&mut spec.env) {
+            Ok(cap) => cap,
+            Err(message) => return system_failure(shared, message),
+        };
         let _permit = shared.pool.acquire(self.id).await;
         let Some(path) = shared.cache.use_binary(&digest) else {
             return system_failure(
@@ -413,7 +417,7 @@ impl Worker for Conn {
                 }
             })
             .clone();
-        let attempt = sandbox.run(&spec).await;
+        let attempt = sandbox.with_output_cap(output_cap).run(&spec).await;
         shared.tests_run.fetch_add(1, Ordering::Relaxed);
         match &attempt.failure {
             None => {

@@ -48,6 +48,7 @@ pub const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("worker-bin", "DTF_WORKER_BIN", Kind::Path),
     ("token-file", "DTF_TOKEN_FILE", Kind::Path),
     ("log", "DTF_LOG", Kind::Text),
+    ("output-cap", "DTF_OUTPUT_CAP", Kind::OutputCap),
 ];
 
 /// Keys resolved per test (allowed in overrides): `(key, variable)`.
@@ -77,6 +78,8 @@ pub enum Kind {
     Path,
     /// A list of strings (comma-separated in the variable), or one string.
     List,
+    /// A size of captured output, such as `"1MiB"`, at most 6 MiB.
+    OutputCap,
 }
 
 /// Per-test settings: what a profile or an override sets for the tests it applies to.
@@ -631,6 +634,11 @@ impl File<'_> {
         Ok(match kind {
             Kind::Count => self.count(v, key)?.to_string(),
             Kind::Text => self.string(v, key)?,
+            Kind::OutputCap => {
+                let text = self.string(v, key)?;
+                self.parsed(v, key, crate::outcome::parse_output_cap)?;
+                text
+            }
             Kind::Bool => if self.bool(v, key)? { "1" } else { "0" }.to_owned(),
             Kind::Order => {
                 let text = self.string(v, key)?;

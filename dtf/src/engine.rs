@@ -13,7 +13,7 @@ use crate::coordinator;
 use crate::errors::Error;
 use crate::history::{self, History};
 use crate::order::{self, Rule};
-use crate::outcome::{Status, TestReport};
+use crate::outcome::{OUTPUT_CAP_VAR, Status, TestReport};
 use crate::plan::Plan;
 use crate::plan::{Defaults, Explicit, Origin};
 use crate::registry::{Isolation, Spawn};
@@ -213,6 +213,8 @@ pub struct Settings {
     pub defaults: Defaults,
     /// `DTF_KEEP_TMP`.
     pub keep_tmp: bool,
+    /// `DTF_OUTPUT_CAP`: the most bytes of a test's output kept (its head and its tail).
+    pub output_cap: usize,
     /// The slow-test notice threshold.
     pub slow: Duration,
     /// Color the output.
@@ -329,6 +331,8 @@ impl Settings {
             },
             fail_fast,
             keep_tmp: env_var("DTF_KEEP_TMP").is_some_and(|v| v != "0"),
+            output_cap: parse_env(OUTPUT_CAP_VAR, crate::outcome::parse_output_cap)?
+                .unwrap_or(crate::outcome::DEFAULT_OUTPUT_CAP),
             slow: slow.unwrap_or(Duration::from_secs(60)),
             color,
             order,

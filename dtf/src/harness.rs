@@ -182,7 +182,8 @@ async fn run_tests(
     // Per-test directories live in a locked run directory: a later run removes it if this one
     // is killed before it can.
     let run_dir = RunDir::create_in(&std::env::temp_dir()).map_err(Error::TempDir)?;
-    let sandbox = Sandbox::new(exe, run_dir.path().to_path_buf(), config.keep_tmp);
+    let sandbox = Sandbox::new(exe, run_dir.path().to_path_buf(), config.keep_tmp)
+        .with_output_cap(config.output_cap);
     let run = engine::Run {
         plan,
         sandboxes: vec![sandbox],

@@ -35,7 +35,7 @@ use tokio::task::AbortHandle;
 
 use crate::errors::Error;
 use crate::inputs::{self, Tree};
-use crate::outcome::{Attempt, Failure, Status, Stream, TestReport};
+use crate::outcome::{Attempt, Failure, OUTPUT_CAP_VAR, Status, Stream, TestReport};
 use crate::plan::Plan;
 use crate::protocol::{self, RunRequest, Token, WorkerClient, human_bytes};
 use crate::report::Reporters;
@@ -1230,8 +1230,13 @@ fn run_context(timeout: Option<Duration>) -> tarpc::context::Context {
 /// The spec sent to a worker: the token is never part of a test's environment on the wire.
 fn remote_spec(spec: &RunSpec) -> RunSpec {
     let mut spec = spec.clone();
-    spec.env
-        .retain(|(name, _)| name != protocol::TOKEN_VAR && name != "DTF_WORKERS");
+    spec.env.retain(|(name, _)| {
+        name != protocol::TOKEN_VAR && name != "DTF_WORKERS" && name != OUTPUT_CAP_VAR
+    });
+    // The output cap travels in the environment (the worker takes it out before the test runs).
+    if let Some(cap) = std::env::var(OUTPUT_CAP_VAR).ok().filter(|v| !v.is_empty()) {
+        spec.env.push((OUTPUT_CAP_VAR.to_owned(), cap));
+    }
     spec
 }
 

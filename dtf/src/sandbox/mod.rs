@@ -33,7 +33,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::outcome::{Attempt, Failure, Output, Stream};
+use crate::outcome::{Attempt, Capture, Failure, Output, Stream};
 use crate::registry::{Isolation, Spawn};
 use forkserver::{ForkServer, Forked, Refusal, StartError};
 
@@ -42,7 +42,7 @@ use forkserver::{ForkServer, Forked, Refusal, StartError};
 pub const CHILD_VAR: &str = "__DTF_CHILD";
 
 /// The default cap on a test's captured output (both streams together).
-pub const OUTPUT_CAP: usize = 4 << 20;
+pub const OUTPUT_CAP: usize = crate::outcome::DEFAULT_OUTPUT_CAP;
 
 /// How long the parent waits for a test's output pipes to close after its process exited
 /// (a process that escaped the test's process group may hold them open).
@@ -253,6 +253,13 @@ impl Sandbox {
         &self.program
     }
 
+    /// Keeps at most `cap` bytes of each test's output (its head and its tail, see
+    /// [`Capture`]); the default is [`OUTPUT_CAP`].
+    pub fn with_output_cap(mut self, cap: usize) -> Sandbox {
+        self.output_cap = cap;
+        self
+    }
+
     /// The per-test process of a libtest binary's tests: a binary whose `main` starts with
     /// [`child::take_spec`] and [`child::run`] (cargo-dtf, dtf-worker). Without one, this
     /// process's own executable is used.
@@ -353,8 +360,7 @@ impl Sandbox {
         let result_read = process.result.take().ok_or("no result pipe")?;
         let mut stdout = process.stdout.take();
         let mut stderr = process.stderr.take();
-        let mut output = Output::default();
-        let cap = self.output_cap;
+        let mut capture = Capture::new(self.output_cap);
         let timeout_at = spec
             .timeout
             .map(|t| tokio::time::Instant::from_std(started + t));
@@ -373,11 +379,11 @@ impl Sandbox {
             tokio::select! {
                 biased;
                 n = read_some(&mut stdout, &mut out_buf), if stdout.is_some() => match n {
-                    Some(n) => output.push(Stream::Stdout, &out_buf[..n], cap),
+                    Some(n) => capture.push(Stream::Stdout, &out_buf[..n]),
                     None => stdout = None,
                 },
                 n = read_some(&mut stderr, &mut err_buf), if stderr.is_some() => match n {
-                    Some(n) => output.push(Stream::Stderr, &err_buf[..n], cap),
+                    Some(n) => capture.push(Stream::Stderr, &err_buf[..n]),
                     None => stderr = None,
                 },
                 exit = process.waiter.wait(), if status.is_none() => {
@@ -395,6 +401,7 @@ impl Sandbox {
             }
         }
         let duration = started.elapsed();
+        let mut output = capture.finish();
         if matches!(spec.harness, Harness::Libtest { .. }) {
             strip_libtest_framing(&mut output, &spec.test);
         }
