@@ -434,7 +434,10 @@ fn brief(run: &Run) -> String {
         }
         let head: String = chars[..2000].iter().collect();
         let tail: String = chars[chars.len() - 2000..].iter().collect();
-        format!("{head}\n[... {} characters ...]\n{tail}", chars.len() - 4000)
+        format!(
+            "{head}\n[... {} characters ...]\n{tail}",
+            chars.len() - 4000
+        )
     };
     format!(
         "exit: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -449,11 +452,7 @@ fn brief(run: &Run) -> String {
 fn assert_head_note_and_panic(run: &Run) -> String {
     assert_eq!(run.code, Some(101), "{}", brief(run));
     let all = format!("{}{}", run.stdout, run.stderr);
-    assert!(
-        all.contains("first line of the output"),
-        "{}",
-        brief(run)
-    );
+    assert!(all.contains("first line of the output"), "{}", brief(run));
     let note = all
         .lines()
         .find(|l| l.starts_with("[dtf: output truncated: "))

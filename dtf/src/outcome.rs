@@ -569,15 +569,29 @@ mod tests {
             .collect();
         assert_eq!(kept, b"head-line\n\npanicked\n");
         let all = String::from_utf8(out.combined()).unwrap();
-        assert!(all.starts_with("head-line\n[dtf: output truncated: "), "{all}");
+        assert!(
+            all.starts_with("head-line\n[dtf: output truncated: "),
+            "{all}"
+        );
         assert!(all.ends_with("]\n\npanicked\n"), "{all}");
-        assert!(all.contains(&format!("{} bytes dropped here", total - 20)), "{all}");
+        assert!(
+            all.contains(&format!("{} bytes dropped here", total - 20)),
+            "{all}"
+        );
         // The note shows in each stream alone too, once.
         let stderr = String::from_utf8(out.stream(Stream::Stderr)).unwrap();
-        assert_eq!(stderr.matches("[dtf: output truncated").count(), 1, "{stderr}");
+        assert_eq!(
+            stderr.matches("[dtf: output truncated").count(),
+            1,
+            "{stderr}"
+        );
         assert!(stderr.ends_with("panicked\n"));
         let stdout = String::from_utf8(out.stream(Stream::Stdout)).unwrap();
-        assert_eq!(stdout.matches("[dtf: output truncated").count(), 1, "{stdout}");
+        assert_eq!(
+            stdout.matches("[dtf: output truncated").count(),
+            1,
+            "{stdout}"
+        );
         assert!(stdout.starts_with("head-line\n"));
     }
 
