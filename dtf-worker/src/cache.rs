@@ -33,6 +33,8 @@ pub struct CacheStats {
     pub misses: u64,
     /// Bytes received by uploads.
     pub received: u64,
+    /// Binaries deleted to keep the cache under its cap.
+    pub evictions: u64,
 }
 
 #[derive(Debug)]
@@ -50,6 +52,7 @@ struct State {
     hits: u64,
     misses: u64,
     received: u64,
+    evictions: u64,
 }
 
 /// The cache.
@@ -127,6 +130,21 @@ impl Cache {
         };
         cache.evict(&mut cache.lock());
         Ok(cache)
+    }
+
+    /// `Ok` when the cache can take an upload now: its directories exist and a file can be
+    /// created where uploads land; else what is wrong.
+    pub fn usable(&self) -> Result<(), String> {
+        for dir in [&self.bin, &self.incoming] {
+            match fs::metadata(dir) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
+            }
+        }
+        tempfile::tempfile_in(&self.incoming)
+            .map(drop)
+            .map_err(|e| format!("cannot create a file in {}: {e}", self.incoming.display()))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -322,6 +340,7 @@ impl Cache {
             hits: state.hits,
             misses: state.misses,
             received: state.received,
+            evictions: state.evictions,
         }
     }
 
@@ -346,6 +365,7 @@ impl Cache {
             }
             state.entries.remove(&digest);
             state.total -= size;
+            state.evictions += 1;
         }
     }
 }

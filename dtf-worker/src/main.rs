@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! dtf-worker [--listen ADDR] [--slots N] [--cache-dir DIR] [--cache-max SIZE] [--token-file FILE]
+//!            [--http ADDR] [--log-format text|json]
 //! dtf-worker status ADDR [--json]
 //! dtf-worker token [--out FILE]
 //! ```
@@ -13,6 +14,8 @@
 mod admission;
 mod cache;
 mod fair;
+mod http;
+mod metrics;
 mod service;
 
 use std::io::Write;
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use dtf::outcome::{format_duration, format_size};
 use dtf::protocol::{self, ConnectError, Hello, Token, TokenError, WorkerStatus, human_bytes};
 use thiserror::Error;
@@ -98,6 +101,24 @@ struct ServeArgs {
     /// Shut down when standard input closes (for a parent that starts the worker and may die).
     #[arg(long)]
     exit_on_stdin_eof: bool,
+    /// Serve `/healthz`, `/readyz`, `/metrics` (Prometheus) and a status page at `/` on this
+    /// address (off by default). It needs no token: nothing on it can start work. Port 0 picks
+    /// a free port; the bound address is printed on stdout after the listening line.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// How log lines on stderr look: `text` for people, `json` for log collectors (one JSON
+    /// object a line, with timestamp, level, target and fields).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// JSON lines.
+    Json,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -127,6 +148,10 @@ enum WorkerError {
     Cache { dir: String, error: std::io::Error },
     #[error("cannot listen on {addr}: {error}")]
     Bind { addr: String, error: std::io::Error },
+    #[error("invalid --http `{addr}`: {error} (expected HOST:PORT, e.g. 127.0.0.1:7879)")]
+    BadHttp { addr: String, error: std::io::Error },
+    #[error("cannot serve HTTP on {addr}: {error}")]
+    HttpBind { addr: String, error: std::io::Error },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
     #[error("cannot prepare the tests' temporary directories: {0}")]
@@ -157,7 +182,7 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         };
     }
-    init_logging();
+    init_logging(cli.serve.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -187,7 +212,7 @@ fn fail(e: WorkerError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = ["DTF_LOG", "RUST_LOG"]
         .iter()
@@ -198,11 +223,13 @@ fn init_logging() {
         EnvFilter::new("info,tarpc=warn")
     });
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// `dtf-worker token [--out FILE]`.
@@ -346,6 +373,36 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
         addr: addr.to_string(),
         error,
     })?;
+    let http = match &args.http {
+        None => None,
+        Some(spec) => {
+            let addr = tokio::net::lookup_host(spec)
+                .await
+                .map_err(|error| WorkerError::BadHttp {
+                    addr: spec.clone(),
+                    error,
+                })?
+                .next()
+                .ok_or_else(|| WorkerError::BadHttp {
+                    addr: spec.clone(),
+                    error: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                })?;
+            let listener =
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| WorkerError::HttpBind {
+                        addr: addr.to_string(),
+                        error,
+                    })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|error| WorkerError::HttpBind {
+                    addr: addr.to_string(),
+                    error,
+                })?;
+            Some((listener, bound))
+        }
+    };
     let name = args.name.unwrap_or_else(|| {
         let host = nix::unistd::gethostname()
             .ok()
@@ -358,6 +415,9 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "dtf-worker listening on {local}");
+        if let Some((_, bound)) = &http {
+            let _ = writeln!(out, "dtf-worker serving HTTP on {bound}");
+        }
         let _ = out.flush();
     }
     info!(
@@ -401,6 +461,20 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(stop_on_signals(stop_tx.clone()));
+    {
+        // From the stop signal on, the worker takes no new work: /readyz says so.
+        let shared = shared.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if stop.wait_for(|stopped| *stopped).await.is_ok() {
+                shared.set_draining(true);
+            }
+        });
+    }
+    if let Some((listener, bound)) = http {
+        info!(http = %bound, "serving /healthz, /readyz, /metrics and the status page");
+        tokio::spawn(http::serve(listener, shared.clone(), stop_rx.clone()));
+    }
     if args.exit_on_stdin_eof {
         std::thread::spawn(move || {
             // Blocks until the parent closes our stdin (or dies).
@@ -541,6 +615,17 @@ mod tests {
             Some(Command::Status { json: true, .. })
         ));
         assert!(Cli::try_parse_from(["dtf-worker", "--cache-max", "lots"]).is_err());
+        let cli = Cli::try_parse_from([
+            "dtf-worker",
+            "--http",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.http.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(cli.serve.log_format, LogFormat::Json);
+        assert!(Cli::try_parse_from(["dtf-worker", "--log-format", "xml"]).is_err());
         let cli = Cli::try_parse_from(["dtf-worker", "token", "--out", "f"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Token { out: Some(_) })));
     }

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use crate::admission::{Admission, Admitted, Limits, Ready, Refusal, Source};
 use crate::cache::Cache;
 use crate::fair::{RunId, SlotPool};
+use crate::metrics::{Gauges, Metrics, Outcome};
 
 /// How long a new connection may take to authenticate.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
@@ -62,6 +63,10 @@ pub struct Shared {
     pub tmp_root: PathBuf,
     /// `None` when each test's process maps the coordinator's paths; else why it cannot.
     pub path_mapping: Option<String>,
+    /// Counters for `/metrics` and the status page.
+    pub metrics: Metrics,
+    /// True while the worker drains: it finishes what it has and takes no new work.
+    draining: AtomicBool,
     pool: Arc<SlotPool>,
     started: Instant,
     tests_run: AtomicU64,
@@ -91,6 +96,8 @@ impl Shared {
             cache,
             tmp_root,
             path_mapping,
+            metrics: Metrics::default(),
+            draining: AtomicBool::new(false),
             pool: SlotPool::new(slots),
             started: Instant::now(),
             tests_run: AtomicU64::new(0),
@@ -102,6 +109,33 @@ impl Shared {
 
     fn running(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the worker as draining (or not): `/readyz` fails and `dtf_worker_draining` is 1
+    /// while it is.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// True while the worker drains.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// What `dtf-worker status` reports.
+    pub fn snapshot(&self) -> WorkerStatus {
+        self.status()
+    }
+
+    /// The figures `/metrics` reads at scrape time.
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            slots: self.slots as u64,
+            busy: self.running().len() as u64,
+            connections: u64::from(self.connections.load(Ordering::Relaxed)),
+            draining: self.is_draining(),
+            cache: self.cache.stats(),
+        }
     }
 
     fn status(&self) -> WorkerStatus {
@@ -147,6 +181,9 @@ struct Conn {
 #[derive(Default)]
 struct ConnState {
     label: String,
+    /// The connection asked about, uploaded or ran something: it is a run (a connection that
+    /// only asks for `status` is not counted or logged as one).
+    is_run: bool,
     pins: HashSet<Digest>,
     uploads: HashMap<Digest, crate::cache::Upload>,
     /// Input trees built for this connection, by manifest digest.
@@ -163,6 +200,27 @@ struct ConnState {
 impl Conn {
     fn state(&self) -> MutexGuard<'_, ConnState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts and logs this connection as a run, the first time it asks for work.
+    fn as_run(&self) {
+        let mut state = self.state();
+        if state.is_run {
+            return;
+        }
+        state.is_run = true;
+        let label = state.label.clone();
+        drop(state);
+        self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        info!(run = self.id, label = %label, "run started");
+    }
+
+    /// Records a finished test in the metrics and the recent results.
+    fn finished(&self, test: &str, outcome: Outcome, duration: Duration) {
+        let label = self.state().label.clone();
+        self.shared
+            .metrics
+            .test_finished(test, &label, outcome, duration);
     }
 
     /// Pins `digest` for this connection once (so it survives until the connection closes).
@@ -295,7 +353,7 @@ impl Worker for Conn {
             .filter(|c| !c.is_control())
             .take(MAX_LABEL)
             .collect();
-        info!(run = self.id, label = %label, "run started");
+        tracing::debug!(run = self.id, label = %label, "hello");
         self.state().label = label;
         WorkerInfo {
             name: self.shared.name.clone(),
@@ -306,6 +364,7 @@ impl Worker for Conn {
     }
 
     async fn missing(self, _: Context, digests: Vec<Digest>) -> Vec<Digest> {
+        self.as_run();
         let digests = &digests[..digests.len().min(MAX_DIGESTS)];
         let (missing, pinned) = self.shared.cache.check_and_pin(digests);
         let mut state = self.state();
@@ -318,6 +377,7 @@ impl Worker for Conn {
     }
 
     async fn upload(self, _: Context, chunk: Chunk) -> Result<UploadProgress, UploadError> {
+        self.as_run();
         let digest = chunk.digest;
         let result = tokio::task::block_in_place(|| self.upload_chunk(chunk));
         match &result {
@@ -336,12 +396,14 @@ impl Worker for Conn {
             inputs,
             mut spec,
         } = request;
+        self.as_run();
         let shared = &self.shared;
         let tree = match inputs {
             None => None,
             Some(manifest) => match self.state().trees.get(&manifest) {
                 Some(tree) => Some(tree.clone()),
                 None => {
+                    self.finished(&spec.test, Outcome::SystemError, Duration::ZERO);
                     return system_failure(
                         shared,
                         format!(
@@ -364,6 +426,7 @@ impl Worker for Conn {
         };
         let _permit = shared.pool.acquire(self.id).await;
         let Some(path) = shared.cache.use_binary(&digest) else {
+            self.finished(&spec.test, Outcome::SystemError, Duration::ZERO);
             return system_failure(
                 shared,
                 format!(
@@ -419,6 +482,8 @@ impl Worker for Conn {
             .clone();
         let attempt = sandbox.with_output_cap(output_cap).run(&spec).await;
         shared.tests_run.fetch_add(1, Ordering::Relaxed);
+        let outcome = Outcome::of(attempt.failure.as_ref());
+        self.finished(&spec.test, outcome, attempt.duration);
         match &attempt.failure {
             None => {
                 info!(run = self.id, test = %spec.test, ms = attempt.duration.as_millis() as u64, "passed")
@@ -437,6 +502,7 @@ impl Worker for Conn {
     }
 
     async fn prepare_inputs(self, _: Context, manifest: Digest) -> Result<InputsReady, String> {
+        self.as_run();
         let result = tokio::task::block_in_place(|| self.prepare_tree(manifest));
         match &result {
             Ok(r) => {
@@ -798,13 +864,13 @@ async fn handle(
                     message: format!("no handshake within {HANDSHAKE_LIMIT:?}"),
                 },
             };
+            shared.metrics.handshake_refused(refusal.reason);
             gate.done(gate_id, source, peer, waited, Err(refusal));
             return;
         }
     };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    shared.connections.fetch_add(1, Ordering::Relaxed);
-    info!(%peer, run = id, "coordinator connected");
+    tracing::debug!(%peer, run = id, "connection authenticated");
     let conn = Conn {
         shared: shared.clone(),
         id,
@@ -841,6 +907,11 @@ async fn handle(
     // its temporary directory removed.
     handlers.shutdown().await;
     conn.close();
+    if !conn.state().is_run {
+        // `dtf-worker status` and the like: not a run.
+        tracing::debug!(%peer, run = id, "connection closed: {reason}");
+        return;
+    }
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     if cancelled > 0 {
         warn!(%peer, run = id, cancelled, "run ended: {reason}; its requests in flight were cancelled");

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 /// `scripts/tools`, the list `./scripts/test` installs from.
 const TOOLS: &str = include_str!("../../scripts/tools");
 
+/// The virtual environment `./scripts/test` installs Python tools into, in the workspace.
+const VENV: &str = "target/dtf-tools";
+
 /// One line of `scripts/tools`.
 #[derive(Debug, PartialEq, Eq)]
 struct Tool<'a> {
@@ -40,15 +43,19 @@ fn find(list: &str, command: &str, path: Option<&std::ffi::OsStr>) -> Result<Pat
              ./scripts/test installs it"
         ));
     };
+    // Python tools: also where ./scripts/test installs them.
+    let venv = (tool.kind == "pip").then(|| crate::workspace_root().join(VENV).join("bin"));
     let found = path
         .map(std::env::split_paths)
         .into_iter()
         .flatten()
+        .chain(venv)
         .map(|dir| dir.join(command))
         .find(|candidate| is_executable(candidate));
     found.ok_or_else(|| {
         let how = match tool.kind {
             "apt" => format!("Debian package {}", tool.package),
+            "pip" => format!("Python package {} from pip, in {VENV}", tool.package),
             _ => format!("cargo install --locked {}", tool.package),
         };
         format!(
@@ -84,7 +91,7 @@ mod tests {
         let tools = listed(TOOLS);
         assert!(tools.iter().any(|t| t.command == "xmllint"));
         for t in &tools {
-            assert!(matches!(t.kind, "apt" | "cargo"), "{t:?}");
+            assert!(matches!(t.kind, "apt" | "cargo" | "pip"), "{t:?}");
             assert!(!t.why.is_empty(), "{t:?} says why it is needed");
         }
         let lines = TOOLS

@@ -53,6 +53,8 @@ pub struct Worker {
     pub addr: String,
     /// Its token, if any.
     pub token: Option<String>,
+    /// The address of its HTTP endpoint, when started with `--http`.
+    pub http: Option<String>,
     root: tempfile::TempDir,
     log: Arc<Mutex<String>>,
     config: WorkerConfig,
@@ -71,11 +73,12 @@ impl Worker {
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir(root.path().join("tmp")).expect("tmp dir");
-        let (child, addr, log) = launch(root.path(), &config);
+        let (child, addr, http, log) = launch(root.path(), &config);
         Worker {
             child,
             addr,
             token: config.token.clone(),
+            http,
             root,
             log,
             config,
@@ -86,9 +89,10 @@ impl Worker {
     /// killed), as an operator restarting a worker would; it listens on a new port.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, addr, log) = launch(self.root.path(), &self.config);
+        let (child, addr, http, log) = launch(self.root.path(), &self.config);
         self.child = child;
         self.addr = addr;
+        self.http = http;
         self.log = log;
     }
 
@@ -353,9 +357,12 @@ pub fn dtf_dirs(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Starts a worker process whose cache and `TMPDIR` live in `root`; its process, address and
-/// log.
-fn launch(root: &Path, config: &WorkerConfig) -> (Child, String, Arc<Mutex<String>>) {
+/// Starts a worker process whose cache and `TMPDIR` live in `root`; its process, address,
+/// HTTP address (with `--http` among its arguments) and log.
+fn launch(
+    root: &Path,
+    config: &WorkerConfig,
+) -> (Child, String, Option<String>, Arc<Mutex<String>>) {
     let mut cmd = match &config.hide {
         None => Command::new(worker_binary()),
         Some(hidden) => {
@@ -426,9 +433,13 @@ fn launch(root: &Path, config: &WorkerConfig) -> (Child, String, Arc<Mutex<Strin
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
+        for _ in 0..2 {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            let _ = tx.send(line);
+        }
         // Keep reading so the worker never blocks on a full pipe.
         let _ = std::io::copy(&mut reader, &mut std::io::sink());
     });
@@ -446,5 +457,14 @@ fn launch(root: &Path, config: &WorkerConfig) -> (Child, String, Arc<Mutex<Strin
         })
         .to_owned();
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
-    (child, addr, log)
+    let http = config.args.iter().any(|a| a == "--http").then(|| {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("dtf-worker prints its HTTP address");
+        line.trim()
+            .strip_prefix("dtf-worker serving HTTP on ")
+            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .to_owned()
+    });
+    (child, addr, http, log)
 }

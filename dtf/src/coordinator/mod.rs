@@ -446,7 +446,7 @@ fn escape(text: &str) -> String {
         .collect()
 }
 
-/// `fixture (pid 42 on host)`: how workers show this run in their status.
+/// `fixture (pid 42, alice@host)`: how workers show this run in their status and logs.
 fn run_label(binary: &Path) -> String {
     let name = binary
         .file_name()
@@ -456,7 +456,11 @@ fn run_label(binary: &Path) -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
-    format!("{name} (pid {} on {host})", std::process::id())
+    let uid = nix::unistd::getuid();
+    let user = (std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .or_else(|| Some(nix::unistd::User::from_uid(uid).ok()??.name))
+        .unwrap_or_else(|| uid.to_string());
+    format!("{name} (pid {}, {user}@{host})", std::process::id())
 }
 
 fn warn(message: &str) {
