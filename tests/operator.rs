@@ -216,6 +216,47 @@ fn health_and_readiness_answer_and_readiness_follows_the_cache() {
     let (code, body) = request(&http, "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(code, 405, "{body}");
 
+    // Refused handshakes are counted by reason: HTTP sent to the dtf port, and a wrong token.
+    let mut garbage = TcpStream::connect(&worker.addr).expect("connect");
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: worker\r\n\r\n")
+        .expect("send");
+    let mut rest = Vec::new();
+    let _ = garbage
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .and_then(|()| garbage.read_to_end(&mut rest));
+    let wrong = run_bounded(
+        std::process::Command::new(worker_binary())
+            .args(["status", &worker.addr])
+            .env(
+                "DTF_TOKEN",
+                "a-wrong-token-0123456789abcdef0123456789abcdef",
+            )
+            .env_remove("DTF_TOKEN_FILE"),
+        MINUTE,
+    );
+    assert_ne!(wrong.code, Some(0), "{}", wrong.dump());
+    let refused = |reason| {
+        value(
+            &scrape(&http),
+            "dtf_worker_handshakes_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    assert!(
+        eventually(MINUTE, || scrape(&http)
+            .samples
+            .iter()
+            .filter(|s| s.metric == "dtf_worker_handshakes_refused_total")
+            .count()
+            == 2),
+        "{:#?}\n{}",
+        scrape(&http).samples,
+        worker.log()
+    );
+    assert_eq!(refused("not dtf"), 1.0);
+    assert_eq!(refused("bad token"), 1.0);
+
     // The cache directory goes away under the worker: it cannot take uploads, so it is not
     // ready, but it is alive.
     std::fs::remove_dir_all(worker.cache_dir()).expect("remove the cache");
