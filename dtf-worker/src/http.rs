@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use dtf::outcome::{format_duration, format_size};
+use dtf::outcome::format_duration;
+use dtf::protocol::human_bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -313,12 +314,12 @@ fn page(shared: &Shared, ready: Result<(), String>) -> String {
         p,
         "<h2>Cache</h2>\n<p id=\"cache\">{} blobs, {} of {}; {} hits, {} misses, {} evictions; {} received</p>",
         cache.entries,
-        format_size(cache.bytes),
-        format_size(cache.max),
+        human_bytes(cache.bytes),
+        human_bytes(cache.max),
         cache.hits,
         cache.misses,
         cache.evictions,
-        format_size(cache.received)
+        human_bytes(cache.received)
     );
     let _ = writeln!(
         p,
