@@ -536,3 +536,242 @@ fn an_output_cap_larger_than_a_frame_can_carry_is_refused() {
     );
     assert!(!run.stdout.contains("running"), "{}", run.dump());
 }
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn e2e_token() -> dtf::protocol::Token {
+    dtf::protocol::Token::new(TOKEN, "test").expect("token")
+}
+
+/// An authenticated protocol connection to `w`, as a coordinator opens one.
+async fn connect(w: &Worker) -> dtf::protocol::Connection {
+    dtf::protocol::connect(
+        &w.addr,
+        Some(&e2e_token()),
+        dtf::protocol::Hello {
+            run: "hardening".into(),
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("connect")
+}
+
+/// The first chunk (1 KiB) of an upload announced as `total` bytes, under a made-up digest.
+fn first_chunk(n: u32, total: u64) -> dtf::protocol::Chunk {
+    let mut digest = [0u8; 32];
+    digest[..4].copy_from_slice(&n.to_be_bytes());
+    dtf::protocol::Chunk {
+        digest: dtf::protocol::Digest(digest),
+        total,
+        offset: 0,
+        data: vec![0u8; 1024],
+    }
+}
+
+/// Starts upload `n` on `conn`: `Ok` when the worker took it (unfinished), else its refusal.
+async fn start_upload(conn: &dtf::protocol::Connection, n: u32, total: u64) -> Result<(), String> {
+    let answer = conn
+        .client
+        .upload(
+            dtf::protocol::context_within(Duration::from_secs(10)),
+            first_chunk(n, total),
+        )
+        .await
+        .expect("an answer");
+    match answer {
+        Ok(dtf::protocol::UploadProgress::Partial(1024)) => Ok(()),
+        Ok(other) => panic!("unexpected progress {other:?}"),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn open_descriptors(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the worker's descriptors")
+        .count()
+}
+
+#[test]
+fn unfinished_uploads_are_limited_per_connection_per_worker_and_in_bytes() {
+    let w = Worker::start_with(WorkerConfig {
+        cache_max: Some("64MiB".into()),
+        ..WorkerConfig::default()
+    });
+    let rt = runtime();
+    rt.block_on(async {
+        let first = connect(&w).await;
+        let before = open_descriptors(w.pid());
+        // One connection tries 200 unfinished uploads: 4 are taken, the rest refused clearly.
+        let mut taken = 0;
+        let mut refusal = None;
+        for n in 0..200 {
+            match start_upload(&first, n, 512 << 10).await {
+                Ok(()) => taken += 1,
+                Err(e) => refusal = Some(e),
+            }
+        }
+        assert_eq!(taken, 4);
+        let refusal = refusal.expect("refused");
+        assert!(
+            refusal.contains("4 uploads are in progress on this connection")
+                && refusal.contains("4 per connection"),
+            "{refusal}"
+        );
+        let held = open_descriptors(w.pid());
+        assert!(held <= before + 8, "{before} descriptors, then {held}");
+        // An upload that fits in one chunk is never unfinished: it still goes through.
+        let small = b"a small input file".to_vec();
+        let stored = first
+            .client
+            .upload(
+                dtf::protocol::context_within(Duration::from_secs(10)),
+                dtf::protocol::Chunk {
+                    digest: dtf::protocol::Digest::of(&small),
+                    total: small.len() as u64,
+                    offset: 0,
+                    data: small,
+                },
+            )
+            .await
+            .expect("an answer");
+        assert_eq!(stored, Ok(dtf::protocol::UploadProgress::Stored));
+
+        // 15 more connections take 4 each: 64 in all, the worker's limit.
+        let mut conns = vec![first];
+        for c in 1..16u32 {
+            let conn = connect(&w).await;
+            for k in 0..4 {
+                start_upload(&conn, 1_000_000 + c * 10 + k, 512 << 10)
+                    .await
+                    .expect("under the limit");
+            }
+            conns.push(conn);
+        }
+        let one_more = connect(&w).await;
+        let refusal = start_upload(&one_more, 7, 512 << 10)
+            .await
+            .expect_err("over the worker's limit");
+        assert!(
+            refusal.contains("64 uploads are in progress on this worker")
+                && refusal.contains("64 over all connections"),
+            "{refusal}"
+        );
+        let held = open_descriptors(w.pid());
+        assert!(
+            held <= before + 64 + 16 + 8,
+            "{before} descriptors, then {held}"
+        );
+
+        // Closing the connections gives their uploads back.
+        drop(conns);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match start_upload(&one_more, 8, 30 << 20).await {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.contains("on this worker"), "{e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("uploads not released: {e}"),
+            }
+        }
+        // Bytes: two of 30 MiB fit under the 64 MiB cap, a third does not.
+        start_upload(&one_more, 9, 30 << 20)
+            .await
+            .expect("60 MiB announced");
+        let refusal = start_upload(&one_more, 10, 30 << 20)
+            .await
+            .expect_err("over the cap on bytes in unfinished uploads");
+        assert!(
+            refusal.contains("would exceed the cache cap") && refusal.contains("--cache-max"),
+            "{refusal}"
+        );
+    });
+    let log = w.log();
+    assert!(log.contains("upload refused"), "{log}");
+}
+
+/// The worker's resident memory in bytes.
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+#[test]
+fn memory_in_partial_frames_is_bounded_over_all_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = Worker::start();
+    let rt = runtime();
+    let conns = 60;
+    let frame = dtf::protocol::MAX_REQUEST_FRAME;
+    let before = rss(w.pid());
+    let closed = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..conns {
+            let addr = w.addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .expect("connect");
+                let mut stream = dtf::protocol::client_handshake(tcp, Some(&e2e_token()))
+                    .await
+                    .expect("handshake");
+                // A frame announced at the limit, all but its last 64 bytes sent.
+                let mut bytes = (frame as u32).to_be_bytes().to_vec();
+                bytes.resize(4 + frame - 64, 0xab);
+                let sent = stream.write_all(&bytes).await.and(stream.flush().await);
+                // The worker either holds the frame (no answer) or closes the connection.
+                let mut buf = [0u8; 16];
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
+                let closed = sent.is_err() || matches!(answer, Ok(Ok(0)) | Ok(Err(_)));
+                (closed, stream)
+            }));
+        }
+        let mut closed = 0;
+        let mut kept = Vec::new();
+        for task in tasks {
+            let (was_closed, stream) = task.await.expect("task");
+            closed += was_closed as usize;
+            kept.push(stream);
+        }
+        let during = rss(w.pid());
+        drop(kept);
+        (closed, during)
+    });
+    let (closed, during) = closed;
+    let budget = dtf::protocol::PARTIAL_FRAME_BUDGET;
+    let fit = budget / (frame - 60);
+    assert!(
+        closed >= conns - fit && closed < conns,
+        "{closed} of {conns} connections closed ({fit} frames fit in the budget)"
+    );
+    // 120 MiB were sent; the worker holds at most the budget plus per-connection buffers.
+    let grew = during.saturating_sub(before);
+    eprintln!("the worker grew by {grew} bytes (from {before}); {closed} connections closed");
+    assert!(
+        grew < (budget as u64) + (32 << 20),
+        "the worker grew by {grew} bytes (from {before})"
+    );
+    let log = w.log();
+    assert!(log.contains("bytes in partial frames"), "{log}");
+    // The worker still serves a run.
+    let run = run_bounded(
+        w.command(&fixture())
+            .env("DTF_REQUIRE_WORKERS", "1")
+            .args(["--exact", "dist_sleep_1"]),
+        MINUTE,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.dump());
+}

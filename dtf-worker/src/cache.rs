@@ -13,7 +13,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use dtf::protocol::{CHUNK_SIZE, Chunk, Digest, UploadError};
@@ -55,6 +55,18 @@ struct State {
     evictions: u64,
 }
 
+/// The most partial uploads a worker holds at once, over all connections (each holds an open
+/// file).
+pub const MAX_PARTIAL_UPLOADS: u32 = 64;
+
+/// Partial uploads in progress, over all connections.
+#[derive(Debug, Default)]
+struct Partial {
+    uploads: u32,
+    /// The sizes they announced: what they may take on disk once complete.
+    bytes: u64,
+}
+
 /// The cache.
 #[derive(Debug)]
 pub struct Cache {
@@ -62,6 +74,21 @@ pub struct Cache {
     incoming: PathBuf,
     max: u64,
     state: Mutex<State>,
+    partial: Arc<Mutex<Partial>>,
+}
+
+/// One upload's share of [`Partial`], given back when the upload ends (dropped).
+struct PartialSlot {
+    partial: Arc<Mutex<Partial>>,
+    bytes: u64,
+}
+
+impl Drop for PartialSlot {
+    fn drop(&mut self) {
+        let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+        partial.uploads -= 1;
+        partial.bytes -= self.bytes;
+    }
 }
 
 /// An upload in progress: a private temporary file and a running digest. Dropping it removes
@@ -72,6 +99,7 @@ pub struct Upload {
     written: u64,
     hasher: blake3::Hasher,
     file: tempfile::NamedTempFile,
+    _slot: PartialSlot,
 }
 
 impl std::fmt::Debug for Upload {
@@ -127,6 +155,7 @@ impl Cache {
             incoming,
             max,
             state: Mutex::new(state),
+            partial: Arc::default(),
         };
         cache.evict(&mut cache.lock());
         Ok(cache)
@@ -233,6 +262,30 @@ impl Cache {
                 self.max
             )));
         }
+        let slot = {
+            let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+            if partial.uploads >= MAX_PARTIAL_UPLOADS {
+                return Err(UploadError::Storage(format!(
+                    "{} uploads are in progress on this worker, its limit \
+                     ({MAX_PARTIAL_UPLOADS} over all connections); retry when they finish",
+                    partial.uploads
+                )));
+            }
+            if partial.bytes + total > self.max {
+                return Err(UploadError::Storage(format!(
+                    "uploads in progress on this worker announced {} bytes; with this one's \
+                     {total} they would exceed the cache cap ({} bytes, --cache-max), the \
+                     limit on bytes in partial uploads; retry when they finish",
+                    partial.bytes, self.max
+                )));
+            }
+            partial.uploads += 1;
+            partial.bytes += total;
+            PartialSlot {
+                partial: self.partial.clone(),
+                bytes: total,
+            }
+        };
         let file = tempfile::Builder::new()
             .prefix(&format!("{}-", digest.short()))
             .tempfile_in(&self.incoming)
@@ -243,6 +296,7 @@ impl Cache {
             written: 0,
             hasher: blake3::Hasher::new(),
             file,
+            _slot: slot,
         })
     }
 

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use dtf::inputs::{self, Manifest, Materialized, OutputFile};
 use dtf::outcome::Failure;
 use dtf::protocol::{
-    self, CHUNK_SIZE, Chunk, Digest, Download, Hello, InputsReady, RunRequest, RunResponse,
-    RunningTest, Token, UploadError, UploadProgress, Worker, WorkerInfo, WorkerStatus,
+    self, CHUNK_SIZE, Chunk, Digest, Download, Hello, InputsReady,
+    MAX_PARTIAL_UPLOADS_PER_CONNECTION, RunRequest, RunResponse, RunningTest, Token, UploadError,
+    UploadProgress, Worker, WorkerInfo, WorkerStatus,
 };
 use dtf::registry::Isolation;
 use dtf::sandbox::Sandbox;
@@ -291,6 +292,16 @@ impl Conn {
         let mut state = self.state();
         let mut upload = match state.uploads.remove(&chunk.digest) {
             Some(upload) => upload,
+            None if chunk.offset == 0
+                && (chunk.data.len() as u64) < chunk.total
+                && state.uploads.len() >= MAX_PARTIAL_UPLOADS_PER_CONNECTION =>
+            {
+                return Err(UploadError::Storage(format!(
+                    "{} uploads are in progress on this connection, the limit \
+                     ({MAX_PARTIAL_UPLOADS_PER_CONNECTION} per connection); finish one first",
+                    state.uploads.len()
+                )));
+            }
             None if chunk.offset == 0 => cache.begin(chunk.digest, chunk.total)?,
             None => {
                 return Err(UploadError::OutOfOrder {

@@ -204,6 +204,9 @@ async fn ship_inputs(client: &WorkerClient, addr: &str, tree: &Tree) -> Result<(
         .collect();
     let count = files.len() as u64;
     let mut sent = 0u64;
+    // Files of more than one chunk stay unfinished on the worker between chunks: at most
+    // `MAX_PARTIAL_UPLOADS_PER_CONNECTION` of them at once.
+    let large = &tokio::sync::Semaphore::new(protocol::MAX_PARTIAL_UPLOADS_PER_CONNECTION);
     let mut uploads = futures::stream::iter(files.into_iter().map(|(digest, path)| async move {
         let bytes = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -219,6 +222,10 @@ async fn ship_inputs(client: &WorkerClient, addr: &str, tree: &Tree) -> Result<(
                 path.display()
             ));
         }
+        let _permit = match bytes.len() > CHUNK_SIZE {
+            true => Some(large.acquire().await.map_err(|e| e.to_string())?),
+            false => None,
+        };
         upload(
             client,
             addr,

@@ -14,6 +14,10 @@ use crate::sandbox::RunSpec;
 /// Binary uploads travel in chunks of at most this many bytes, well under the frame limits.
 pub const CHUNK_SIZE: usize = 1 << 20;
 
+/// The most uploads one connection may hold unfinished at once (a worker refuses to start
+/// another). An upload that fits in one chunk is never unfinished and does not count.
+pub const MAX_PARTIAL_UPLOADS_PER_CONNECTION: usize = 4;
+
 /// The BLAKE3 digest of a test binary: its name in a worker's cache.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Digest(pub [u8; 32]);

@@ -25,8 +25,8 @@ pub use messages::*;
 pub use token::{HOW_TO_MAKE_A_TOKEN, MIN_TOKEN_LEN, TOKEN_FILE_VAR, TOKEN_VAR, Token, TokenError};
 pub use transport::{
     ACCEPTED_VERSIONS, ClientTransport, HandshakeError, MAGIC, MAX_FRAME, MAX_REQUEST_FRAME,
-    PROTOCOL_VERSION, SecureStream, ServerTransport, client_handshake, client_transport,
-    configure_socket, server_handshake, server_transport,
+    PARTIAL_FRAME_BUDGET, PROTOCOL_VERSION, SecureStream, ServerTransport, client_handshake,
+    client_transport, configure_socket, partial_frame_bytes, server_handshake, server_transport,
 };
 
 /// The default port of `dtf-worker`.

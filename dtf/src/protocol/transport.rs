@@ -33,6 +33,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::ops::RangeInclusive;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -64,6 +65,23 @@ pub const MAX_FRAME: usize = 8 << 20;
 /// The largest frame a worker accepts (a request: an upload chunk of
 /// [`super::CHUNK_SIZE`] or a test's command line and environment).
 pub const MAX_REQUEST_FRAME: usize = 2 << 20;
+
+/// The most bytes a worker holds in partial request frames over all its connections. A frame
+/// that would take the total past it ends its connection (the coordinator sees the connection
+/// close); one connection alone holds at most [`MAX_REQUEST_FRAME`].
+pub const PARTIAL_FRAME_BUDGET: usize = 64 << 20;
+
+/// Bytes held in partial request frames by this process's worker-side codecs.
+static PARTIAL_FRAME_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes this process holds in partial request frames right now (a worker's memory bound).
+pub fn partial_frame_bytes() -> usize {
+    PARTIAL_FRAME_BYTES.load(Ordering::Relaxed)
+}
+
+/// A frame buffer holding more than this after a frame is replaced by a small one, so a large
+/// frame's memory goes back once it is decoded.
+const KEEP_BUFFER: usize = 64 << 10;
 
 /// The largest Noise handshake message either side accepts (ours are 48 bytes).
 const MAX_HANDSHAKE_MESSAGE: usize = 1024;
@@ -561,6 +579,10 @@ fn malformed(message: String) -> io::Error {
 /// that arrived (no allocation up front for its announced length).
 pub struct FrameCodec<Item, SinkItem> {
     max: usize,
+    /// Count partial frames against [`PARTIAL_FRAME_BUDGET`] (a worker's codecs).
+    budgeted: bool,
+    /// Bytes of a partial frame this codec counts in [`PARTIAL_FRAME_BYTES`].
+    held: usize,
     types: Types<Item, SinkItem>,
 }
 
@@ -572,8 +594,49 @@ impl<Item, SinkItem> FrameCodec<Item, SinkItem> {
     pub fn new(max: usize) -> Self {
         FrameCodec {
             max,
+            budgeted: false,
+            held: 0,
             types: PhantomData,
         }
+    }
+
+    /// A codec whose partial frames count against the process's [`PARTIAL_FRAME_BUDGET`].
+    pub fn budgeted(max: usize) -> Self {
+        FrameCodec {
+            budgeted: true,
+            ..FrameCodec::new(max)
+        }
+    }
+
+    /// Counts `now` bytes held in a partial frame (0: none); an error when the process's
+    /// budget is exhausted.
+    fn hold(&mut self, now: usize) -> Result<(), io::Error> {
+        if !self.budgeted || now == self.held {
+            return Ok(());
+        }
+        if now < self.held {
+            PARTIAL_FRAME_BYTES.fetch_sub(self.held - now, Ordering::Relaxed);
+            self.held = now;
+            return Ok(());
+        }
+        let more = now - self.held;
+        let total = PARTIAL_FRAME_BYTES.fetch_add(more, Ordering::Relaxed) + more;
+        self.held = now;
+        if total > PARTIAL_FRAME_BUDGET {
+            self.hold(0)?;
+            return Err(malformed(format!(
+                "refused a partial frame: the worker already holds {} bytes in partial frames \
+                 over all connections, its limit is {PARTIAL_FRAME_BUDGET}",
+                total - more
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<Item, SinkItem> Drop for FrameCodec<Item, SinkItem> {
+    fn drop(&mut self) {
+        let _ = self.hold(0);
     }
 }
 
@@ -593,10 +656,18 @@ impl<Item: DeserializeOwned, SinkItem> Decoder for FrameCodec<Item, SinkItem> {
             )));
         }
         if src.len() < 4 + len {
+            self.hold(src.len())?;
             return Ok(None);
         }
+        self.hold(0)?;
         src.advance(4);
         let frame = src.split_to(len);
+        if src.capacity() > KEEP_BUFFER && src.len() <= KEEP_BUFFER {
+            // Let the large frame's allocation go once the frame is decoded.
+            let rest = src.split();
+            *src = BytesMut::with_capacity(KEEP_BUFFER.min(rest.len().max(8 << 10)));
+            src.extend_from_slice(&rest);
+        }
         match postcard::take_from_bytes(&frame) {
             Ok((item, [])) => Ok(Some(item)),
             Ok((_, rest)) => Err(malformed(format!(
@@ -652,7 +723,7 @@ pub fn client_transport<S: AsyncRead + AsyncWrite + Unpin>(
 pub fn server_transport<S: AsyncRead + AsyncWrite + Unpin>(
     stream: SecureStream<S>,
 ) -> ServerTransport<S> {
-    Framed::new(stream, FrameCodec::new(MAX_REQUEST_FRAME))
+    Framed::new(stream, FrameCodec::budgeted(MAX_REQUEST_FRAME))
 }
 
 /// Turns on TCP keepalive (probes after 5 s idle, every 2 s, 3 misses) and disables Nagle's
@@ -996,5 +1067,53 @@ mod tests {
         let mut buf = BytesMut::from(&[0, 0, 0, 3, 1, b'a', 0][..]);
         let err = codec.decode(&mut buf).unwrap_err().to_string();
         assert!(err.contains("1 trailing bytes"), "{err}");
+    }
+
+    #[test]
+    fn partial_frames_count_against_the_workers_budget_and_large_buffers_are_released() {
+        type Codec = FrameCodec<Vec<u8>, ()>;
+        let body = MAX_REQUEST_FRAME - 16;
+        let mut holding = Vec::new();
+        let mut refused = 0;
+        for _ in 0..40 {
+            let mut codec = Codec::budgeted(MAX_REQUEST_FRAME);
+            let mut buf = BytesMut::new();
+            buf.put_u32(MAX_REQUEST_FRAME as u32);
+            buf.extend_from_slice(&vec![0u8; body]);
+            match codec.decode(&mut buf) {
+                Ok(None) => holding.push((codec, buf)),
+                Err(e) => {
+                    assert!(e.to_string().contains("bytes in partial frames"), "{e}");
+                    refused += 1;
+                }
+                Ok(Some(_)) => panic!("a partial frame decoded"),
+            }
+        }
+        assert_eq!(holding.len(), PARTIAL_FRAME_BUDGET / (body + 4));
+        assert_eq!(refused, 40 - holding.len());
+        assert_eq!(partial_frame_bytes(), holding.len() * (body + 4));
+        // A coordinator's codec counts nothing.
+        let mut free = Codec::new(MAX_REQUEST_FRAME);
+        let mut buf = BytesMut::from(&[0, 0, 1, 0, 1][..]);
+        assert!(free.decode(&mut buf).unwrap().is_none());
+        assert_eq!(partial_frame_bytes(), holding.len() * (body + 4));
+        drop(holding);
+        assert_eq!(partial_frame_bytes(), 0);
+
+        // A large frame, once decoded, leaves no large buffer behind; its count is released.
+        let mut codec = Codec::budgeted(MAX_REQUEST_FRAME);
+        let frame = postcard::to_stdvec(&vec![7u8; 1 << 20]).unwrap();
+        let mut buf = BytesMut::with_capacity(4 << 20);
+        buf.put_u32(frame.len() as u32);
+        buf.extend_from_slice(&frame[..1000]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert_eq!(partial_frame_bytes(), 1004);
+        buf.extend_from_slice(&frame[1000..]);
+        buf.extend_from_slice(&[0, 0]);
+        let item = codec.decode(&mut buf).unwrap().expect("a whole frame");
+        assert_eq!(item.len(), 1 << 20);
+        assert_eq!(partial_frame_bytes(), 0);
+        assert!(buf.capacity() <= KEEP_BUFFER, "{}", buf.capacity());
+        assert_eq!(&buf[..], &[0, 0]);
     }
 }
