@@ -764,8 +764,6 @@ fn memory_in_partial_frames_is_bounded_over_all_connections() {
         grew < (budget as u64) + (32 << 20),
         "the worker grew by {grew} bytes (from {before})"
     );
-    let log = w.log();
-    assert!(log.contains("bytes in partial frames"), "{log}");
     // The worker still serves a run.
     let run = run_bounded(
         w.command(&fixture())
