@@ -773,3 +773,116 @@ fn memory_in_partial_frames_is_bounded_over_all_connections() {
     );
     assert_eq!(run.code, Some(0), "{}", run.dump());
 }
+
+#[test]
+fn control_characters_in_test_names_and_labels_reach_the_log_and_status_escaped() {
+    use dtf::protocol::{Chunk, Digest, Hello, RunRequest, UploadProgress};
+    let w = Worker::start();
+    let rt = runtime();
+    // A "test binary" that runs for a while whatever it is asked: a shell script run as a
+    // libtest binary (the worker's relay execs it with `--exact NAME`).
+    let script = b"#!/bin/sh\nsleep 3\n".to_vec();
+    let digest = Digest::of(&script);
+    let name = "forged\n2026-01-01T00:00:00Z  INFO dtf_worker: fake line\u{1b}[2J";
+    let label = "evil\nlabel\u{1b}[31m";
+    let status = rt.block_on(async {
+        let conn = dtf::protocol::connect(
+            &w.addr,
+            Some(&e2e_token()),
+            Hello { run: label.into() },
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("connect");
+        let stored = conn
+            .client
+            .upload(
+                dtf::protocol::context_within(Duration::from_secs(10)),
+                Chunk {
+                    digest,
+                    total: script.len() as u64,
+                    offset: 0,
+                    data: script.clone(),
+                },
+            )
+            .await
+            .expect("an answer");
+        assert_eq!(stored, Ok(UploadProgress::Stored));
+        let spec = dtf::sandbox::RunSpec {
+            test: name.into(),
+            isolation: dtf::registry::Isolation::Process,
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            timeout: Some(Duration::from_secs(30)),
+            memory: None,
+            capture: true,
+            cwd: None,
+            leak_fails: false,
+            spawn: dtf::registry::Spawn::Exec,
+            harness: dtf::sandbox::Harness::Libtest {
+                ignored: false,
+                args: Vec::new(),
+            },
+        };
+        let client = conn.client.clone();
+        let run = tokio::spawn(async move {
+            client
+                .run(
+                    dtf::protocol::context_within(Duration::from_secs(30)),
+                    RunRequest {
+                        digest,
+                        inputs: None,
+                        spec,
+                    },
+                )
+                .await
+        });
+        // `dtf-worker status` while the test runs.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            let status = tokio::task::spawn_blocking({
+                let addr = w.addr.clone();
+                move || {
+                    run_bounded(
+                        Command::new(worker_binary())
+                            .args(["status", &addr])
+                            .env("DTF_TOKEN", TOKEN)
+                            .env_remove("DTF_TOKEN_FILE"),
+                        MINUTE,
+                    )
+                }
+            })
+            .await
+            .expect("status");
+            if status.stdout.contains("forged") || std::time::Instant::now() > deadline {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let response = run.await.expect("task").expect("an answer");
+        assert!(response.failure.is_none(), "{:?}", response.failure);
+        status
+    });
+    assert_eq!(status.code, Some(0), "{}", status.dump());
+    let out = &status.stdout;
+    assert!(
+        out.contains(r"forged\n2026-01-01T00:00:00Z  INFO dtf_worker: fake line\u{1b}[2J"),
+        "{out}"
+    );
+    assert!(out.contains(r"evil\nlabel\u{1b}[31m"), "{out}");
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("2026-01-01") || l.starts_with("label")),
+        "{out}"
+    );
+
+    let log = w.log();
+    assert!(log.contains(r"test=forged\n2026-01-01T00:00:00Z"), "{log}");
+    assert!(log.contains(r"evil\nlabel\u{1b}[31m"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2026-01-01") || l.starts_with("label")),
+        "{log}"
+    );
+}

@@ -554,7 +554,10 @@ async fn status(addr: &str, json: bool, token_file: Option<&Path>) -> Result<(),
     Ok(())
 }
 
+/// The human `status` output. Names, labels and test names come from peers and tests: control
+/// characters in them are shown escaped, so they cannot forge lines or move the cursor.
 fn render_status(s: &WorkerStatus) -> String {
+    use dtf::outcome::escape_control as esc;
     let mut out = String::new();
     let mut line = |l: String| {
         out.push_str(&l);
@@ -562,7 +565,9 @@ fn render_status(s: &WorkerStatus) -> String {
     };
     line(format!(
         "worker      {} (dtf-worker {}, protocol {})",
-        s.name, s.version, s.protocol
+        esc(&s.name),
+        esc(&s.version),
+        s.protocol
     ));
     line(format!(
         "uptime      {}",
@@ -590,9 +595,9 @@ fn render_status(s: &WorkerStatus) -> String {
         for r in &s.running {
             line(format!(
                 "  {}  for {}  ({})",
-                r.test,
+                esc(&r.test),
                 format_duration(Duration::from_millis(r.running_ms.max(1))),
-                r.run
+                esc(&r.run)
             ));
         }
     }

@@ -16,7 +16,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use dtf::inputs::{self, Manifest, Materialized, OutputFile};
-use dtf::outcome::Failure;
+use dtf::outcome::{Failure, escape_control};
 use dtf::protocol::{
     self, CHUNK_SIZE, Chunk, Digest, Download, Hello, InputsReady,
     MAX_PARTIAL_UPLOADS_PER_CONNECTION, RunRequest, RunResponse, RunningTest, Token, UploadError,
@@ -358,12 +358,9 @@ fn system_failure(shared: &Shared, message: String) -> RunResponse {
 
 impl Worker for Conn {
     async fn hello(self, _: Context, hello: Hello) -> WorkerInfo {
-        let label: String = hello
-            .run
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(MAX_LABEL)
-            .collect();
+        // Control characters are shown escaped (`\n`, `\u{1b}`): the label reaches logs and
+        // `dtf-worker status`.
+        let label: String = escape_control(&hello.run).chars().take(MAX_LABEL).collect();
         tracing::debug!(run = self.id, label = %label, "hello");
         self.state().label = label;
         WorkerInfo {
@@ -497,10 +494,10 @@ impl Worker for Conn {
         self.finished(&spec.test, outcome, attempt.duration);
         match &attempt.failure {
             None => {
-                info!(run = self.id, test = %spec.test, ms = attempt.duration.as_millis() as u64, "passed")
+                info!(run = self.id, test = %escape_control(&spec.test), ms = attempt.duration.as_millis() as u64, "passed")
             }
             Some(f) => {
-                info!(run = self.id, test = %spec.test, ms = attempt.duration.as_millis() as u64, "failed: {}", f.to_string().lines().next().unwrap_or_default())
+                info!(run = self.id, test = %escape_control(&spec.test), ms = attempt.duration.as_millis() as u64, "failed: {}", escape_control(f.to_string().lines().next().unwrap_or_default()))
             }
         }
         RunResponse {

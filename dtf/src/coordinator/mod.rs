@@ -830,7 +830,9 @@ impl<'a> Dispatcher<'a> {
                                     .push(Stream::Stderr, note.as_bytes(), usize::MAX);
                             }
                         }
-                        if attempt.failure.as_ref().is_some_and(Failure::is_system) {
+                        if let Some(Failure::System { message }) = &mut attempt.failure {
+                            // The worker's words reach this terminal: escaped.
+                            *message = crate::outcome::escape_control(message);
                             self.avoid.entry(job.test).or_default().insert(i);
                         }
                     }
