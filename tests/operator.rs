@@ -186,6 +186,8 @@ fn metrics_count_a_run_exactly_and_status_is_not_a_run() {
         .or_else(|| Some(nix::unistd::User::from_uid(uid).ok()??.name))
         .unwrap_or_else(|| uid.to_string());
     assert!(label.contains(&format!("{user}@")), "{label}");
+    let peer = started[0]["fields"]["peer"].as_str().unwrap_or_default();
+    assert!(peer.starts_with("127.0.0.1:"), "{log}");
     assert!(
         eventually(MINUTE, || !logged(&worker, "run ended").is_empty()),
         "the run ends: {}",

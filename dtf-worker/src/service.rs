@@ -185,6 +185,8 @@ struct ConnState {
     /// The connection asked about, uploaded or ran something: it is a run (a connection that
     /// only asks for `status` is not counted or logged as one).
     is_run: bool,
+    /// The coordinator's address.
+    peer: Option<SocketAddr>,
     pins: HashSet<Digest>,
     uploads: HashMap<Digest, crate::cache::Upload>,
     /// Input trees built for this connection, by manifest digest.
@@ -210,10 +212,11 @@ impl Conn {
             return;
         }
         state.is_run = true;
-        let label = state.label.clone();
+        let (label, peer) = (state.label.clone(), state.peer);
         drop(state);
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
-        info!(run = self.id, label = %label, "run started");
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        info!(run = self.id, %peer, label = %label, "run started");
     }
 
     /// Records a finished test in the metrics and the recent results.
@@ -884,6 +887,7 @@ async fn handle(
         id,
         state: Arc::new(Mutex::new(ConnState {
             label: peer.to_string(),
+            peer: Some(peer),
             ..ConnState::default()
         })),
     };
@@ -916,8 +920,12 @@ async fn handle(
     handlers.shutdown().await;
     conn.close();
     if !conn.state().is_run {
-        // `dtf-worker status` and the like: not a run.
-        tracing::debug!(%peer, run = id, "connection closed: {reason}");
+        // `dtf-worker status` and the like: not a run. A broken connection is still logged.
+        if reason.starts_with("connection error") {
+            warn!(%peer, run = id, "connection ended before it asked for work: {reason}");
+        } else {
+            tracing::debug!(%peer, run = id, "connection closed: {reason}");
+        }
         return;
     }
     shared.connections.fetch_sub(1, Ordering::Relaxed);
