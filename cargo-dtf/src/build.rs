@@ -28,6 +28,8 @@ pub struct Binary {
     pub version: String,
     /// The package's root (each test's working directory).
     pub manifest_dir: PathBuf,
+    /// Its build script's `OUT_DIR`, when the package has one.
+    pub out_dir: Option<PathBuf>,
 }
 
 /// The workspace as `cargo metadata` describes it.
@@ -77,6 +79,8 @@ struct Message {
     executable: Option<PathBuf>,
     #[serde(default)]
     manifest_path: Option<PathBuf>,
+    #[serde(default)]
+    out_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -246,6 +250,9 @@ pub fn build(args: &BuildArgs) -> Result<Built, String> {
     let stdout = child.stdout.take().ok_or("cargo's output is missing")?;
     let mut binaries = Vec::new();
     let mut versions: HashMap<String, String> = HashMap::new();
+    // A package's build script's output directory, and which binary belongs to which package.
+    let mut out_dirs: HashMap<String, PathBuf> = HashMap::new();
+    let mut package_ids: Vec<String> = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| format!("cannot read cargo's output: {e}"))?;
         if !line.starts_with('{') {
@@ -254,6 +261,12 @@ pub fn build(args: &BuildArgs) -> Result<Built, String> {
         let Ok(message) = serde_json::from_str::<Message>(&line) else {
             continue;
         };
+        if message.reason == "build-script-executed" {
+            if let Some(dir) = message.out_dir {
+                out_dirs.insert(message.package_id, dir);
+            }
+            continue;
+        }
         if message.reason != "compiler-artifact" {
             continue;
         }
@@ -286,6 +299,7 @@ pub fn build(args: &BuildArgs) -> Result<Built, String> {
             "test" => format!("{package}::{}", target.name),
             other => format!("{package}::{other}/{}", target.name),
         };
+        package_ids.push(message.package_id.clone());
         binaries.push(Binary {
             path: executable,
             id,
@@ -294,7 +308,11 @@ pub fn build(args: &BuildArgs) -> Result<Built, String> {
             package,
             version,
             manifest_dir,
+            out_dir: None,
         });
+    }
+    for (binary, id) in binaries.iter_mut().zip(&package_ids) {
+        binary.out_dir = out_dirs.get(id).cloned();
     }
     let status = child
         .wait()

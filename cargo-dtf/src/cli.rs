@@ -195,7 +195,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", help_heading = "Running")]
     pub repeat: Option<String>,
     /// Report a test that passed last time with the same binary, inputs, environment and
-    /// arguments as `ok (unchanged)` without running it (not available yet: refused).
+    /// arguments as `ok (unchanged)` without running it (keys kept in the history).
     #[arg(long, help_heading = "Running")]
     pub skip_unchanged: bool,
     /// Count flaky tests as failures for the exit code.

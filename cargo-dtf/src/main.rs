@@ -8,6 +8,8 @@ mod build;
 mod cli;
 mod migrate;
 mod partition;
+mod runner;
+mod unchanged;
 mod workspace;
 
 use clap::Parser;

@@ -148,6 +148,7 @@ fn discover(
     build_args: &crate::cli::BuildArgs,
     profile: Option<&str>,
     flag_env: &[(&'static str, String)],
+    runner: &[String],
 ) -> Result<Result<Discovered, i32>, String> {
     let workspace = build::metadata(build_args)?;
     let path = Config::find(&workspace.root).or_else(|| {
@@ -168,7 +169,7 @@ fn discover(
         Built::Binaries(b) => b,
         Built::Failed(code) => return Ok(Err(if code == 0 { 101 } else { code })),
     };
-    let kinds = list_all(&binaries, flag_env)?;
+    let kinds = list_all(&binaries, flag_env, runner)?;
     let mut candidates = Vec::new();
     for (i, kind) in kinds.into_iter().enumerate() {
         match kind {
@@ -207,7 +208,11 @@ fn discover(
 }
 
 /// Lists every binary's tests, a few binaries at a time.
-fn list_all(binaries: &[Binary], flag_env: &[(&'static str, String)]) -> Result<Vec<Kind>, String> {
+fn list_all(
+    binaries: &[Binary],
+    flag_env: &[(&'static str, String)],
+    runner: &[String],
+) -> Result<Vec<Kind>, String> {
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8);
@@ -224,7 +229,7 @@ fn list_all(binaries: &[Binary], flag_env: &[(&'static str, String)]) -> Result<
                     let Some(binary) = binaries.get(i) else {
                         return;
                     };
-                    let result = list_one(binary, flag_env);
+                    let result = list_one(binary, flag_env, runner);
                     if let Ok(mut slot) = results[i].lock() {
                         *slot = Some(result);
                     }
@@ -243,8 +248,20 @@ fn list_all(binaries: &[Binary], flag_env: &[(&'static str, String)]) -> Result<
         .collect()
 }
 
-fn list_command(binary: &Binary, flag_env: &[(&'static str, String)]) -> Command {
-    let mut cmd = Command::new(&binary.path);
+/// `BINARY --list --format terse`, through the target's runner when there is one.
+fn list_command(
+    binary: &Binary,
+    flag_env: &[(&'static str, String)],
+    runner: &[String],
+) -> Command {
+    let mut cmd = match runner.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(&binary.path);
+            cmd
+        }
+        None => Command::new(&binary.path),
+    };
     cmd.args(["--list", "--format", "terse"])
         .envs(cargo_env(binary))
         .envs(flag_env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -257,7 +274,11 @@ fn list_command(binary: &Binary, flag_env: &[(&'static str, String)]) -> Command
     cmd
 }
 
-fn list_one(binary: &Binary, flag_env: &[(&'static str, String)]) -> Result<Kind, String> {
+fn list_one(
+    binary: &Binary,
+    flag_env: &[(&'static str, String)],
+    runner: &[String],
+) -> Result<Kind, String> {
     let context = describe::Context {
         binary: binary.name.clone(),
         binary_id: binary.id.clone(),
@@ -265,7 +286,7 @@ fn list_one(binary: &Binary, flag_env: &[(&'static str, String)]) -> Result<Kind
         kind: binary.kind.clone(),
     };
     let context = serde_json::to_string(&context).map_err(|e| e.to_string())?;
-    let out = list_command(binary, flag_env)
+    let out = list_command(binary, flag_env, runner)
         .env(describe::DESCRIBE_VAR, context)
         .output()
         .map_err(|e| {
@@ -312,7 +333,7 @@ fn list_one(binary: &Binary, flag_env: &[(&'static str, String)]) -> Result<Kind
             escape(line)
         )
     })?;
-    let ignored_out = list_command(binary, flag_env)
+    let ignored_out = list_command(binary, flag_env, runner)
         .arg("--ignored")
         .output()
         .map_err(|e| {
@@ -441,21 +462,22 @@ fn select(
 
 /// `cargo dtf run`: returns the exit code.
 pub fn run(args: RunArgs) -> Result<i32, String> {
-    if args.skip_unchanged {
-        return Err(
-            "--skip-unchanged is not available in this version of cargo dtf: every \
-                    selected test runs (leave the flag out)"
-                .to_owned(),
-        );
-    }
     let dargs = engine_args(&args)?;
     let repeat = match &args.repeat {
         None => 1,
         Some(n) => dtf::cli::parse_threads(n, "--repeat")?,
     };
+    if args.skip_unchanged && repeat > 1 {
+        return Err(
+            "--skip-unchanged and --repeat contradict each other: --repeat runs every attempt \
+             of a test, --skip-unchanged may run none (leave one of them out)"
+                .to_owned(),
+        );
+    }
     let no_tests = NoTests::parse(args.select.no_tests.as_deref())?;
     let flag_env = flag_env(&args);
-    let discovered = match discover(&args.build, args.profile.as_deref(), &flag_env)? {
+    let runner = target_runner(&args.build)?;
+    let discovered = match discover(&args.build, args.profile.as_deref(), &flag_env, &runner)? {
         Ok(d) => d,
         Err(code) => return Ok(code),
     };
@@ -521,6 +543,13 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         settings.slow,
     )
     .map_err(|e| e.to_string())?;
+    if workers.is_some() && !runner.is_empty() {
+        return Err(format!(
+            "target.{}.runner is set, and cargo dtf cannot run tests through a runner on workers \
+             (the runner is a program of this machine): run locally, or unset the runner",
+            args.build.target.as_deref().unwrap_or_default()
+        ));
+    }
 
     // What each test asked for, and whether namespaces are there for those at `full`.
     let shared = Arc::new(config);
@@ -636,6 +665,38 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         }
     }
 
+    // --skip-unchanged: what passed last time with the same key is reported, not run.
+    let mut unchanged_keys = HashMap::new();
+    if args.skip_unchanged && !plan.tests.is_empty() {
+        let history = History::load(&history_file).unwrap_or_else(|e| {
+            eprintln!("warning: ignoring the test history: {e}");
+            History::new()
+        });
+        let mut binary_keys: Vec<Option<Option<String>>> = vec![None; binaries.len()];
+        let mut kept = Vec::new();
+        for test in std::mem::take(&mut plan.tests) {
+            let binary_key = binary_keys[test.binary]
+                .get_or_insert_with(|| crate::unchanged::binary_key(&binaries[test.binary]));
+            let Some(binary_key) = binary_key else {
+                kept.push(test);
+                continue;
+            };
+            let key = crate::unchanged::test_key(binary_key, &test, &runner);
+            if history.unchanged(&test.name, &key) {
+                not_running.push(dtf::outcome::TestReport {
+                    name: test.name.clone(),
+                    status: dtf::outcome::Status::Unchanged,
+                    attempts: Vec::new(),
+                    rerun_after_lost_worker: false,
+                });
+            } else {
+                unchanged_keys.insert(test.name.clone(), key);
+                kept.push(test);
+            }
+        }
+        plan.tests = kept;
+    }
+
     let run_dir = RunDir::create_in(&std::env::temp_dir()).map_err(|e| e.to_string())?;
     let relay = std::env::current_exe().ok();
     let sandboxes: Vec<Sandbox> = binaries
@@ -647,6 +708,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
                 settings.keep_tmp,
             )
             .with_output_cap(settings.output_cap);
+            let sandbox = sandbox.with_runner(runner.iter().map(Into::into).collect());
             match &relay {
                 Some(relay) => sandbox.with_relay(relay.clone()),
                 None => sandbox,
@@ -678,6 +740,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         order: settings.order,
         history_file,
         record_history: true,
+        unchanged_keys,
         workers,
         local: dtf::runner::LocalOptions {
             slots: settings.slots,
@@ -696,6 +759,16 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
     drop(run_dir);
     let _ = std::io::stdout().flush();
     Ok(outcome.code)
+}
+
+/// With `--target`, the target's `runner` from cargo's config (empty: none).
+fn target_runner(build: &crate::cli::BuildArgs) -> Result<Vec<String>, String> {
+    let Some(triple) = &build.target else {
+        return Ok(Vec::new());
+    };
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
+    Ok(crate::runner::for_target(triple, &cwd)?.unwrap_or_default())
 }
 
 /// Test functions of `harness = false` targets that dtf would not run (read from the sources
@@ -771,7 +844,8 @@ impl NoTests {
 
 /// `cargo dtf list`: returns the exit code.
 pub fn list(args: ListArgs) -> Result<i32, String> {
-    let discovered = match discover(&args.build, args.profile.as_deref(), &[])? {
+    let runner = target_runner(&args.build)?;
+    let discovered = match discover(&args.build, args.profile.as_deref(), &[], &runner)? {
         Ok(d) => d,
         Err(code) => return Ok(code),
     };

@@ -62,6 +62,9 @@ pub struct Run {
     pub history_file: PathBuf,
     /// Whether to record this run's results in the history.
     pub record_history: bool,
+    /// `--skip-unchanged` digests by test name, recorded with each test that passes on its
+    /// first attempt (empty without the flag).
+    pub unchanged_keys: std::collections::HashMap<String, String>,
     /// Workers to run on (`None`: locally).
     pub workers: Option<Workers>,
     /// The local runner's settings (slots, fail-fast, slow threshold).
@@ -90,6 +93,7 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
         order,
         history_file,
         record_history,
+        unchanged_keys,
         workers,
         local,
         flaky_fails,
@@ -139,7 +143,7 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
     summary.duration = started.elapsed();
     reporters.run_finished(&summary);
     if record_history {
-        record(&history_file, &reports);
+        record(&history_file, &reports, &unchanged_keys);
     }
     let code = match ending {
         Ending::Interrupted(signal) => 128 + signal,
@@ -193,10 +197,20 @@ fn start_order(
 }
 
 /// Adds the run's durations and outcomes to the history; a failure only warns.
-fn record(history_file: &std::path::Path, reports: &[TestReport]) {
+fn record(
+    history_file: &std::path::Path,
+    reports: &[TestReport],
+    keys: &std::collections::HashMap<String, String>,
+) {
     let entries: Vec<history::Entry> = reports
         .iter()
-        .filter_map(history::Entry::from_report)
+        .filter_map(|report| {
+            let mut entry = history::Entry::from_report(report)?;
+            if report.status == Status::Passed {
+                entry.unchanged_key = keys.get(&report.name).cloned();
+            }
+            Some(entry)
+        })
         .collect();
     if let Err(e) = History::update(history_file, &entries) {
         eprintln!("warning: cannot record test durations: {e}");

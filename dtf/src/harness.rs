@@ -194,6 +194,7 @@ async fn run_tests(
         // Not under cargo-nextest, which schedules tests itself and starts one process per
         // test: there the file's read and rewrite would cost more than the test.
         record_history: std::env::var_os("NEXTEST_EXECUTION_MODE").is_none(),
+        unchanged_keys: std::collections::HashMap::new(),
         workers,
         local: LocalOptions {
             slots: config.slots,

@@ -49,6 +49,11 @@ pub struct Record {
     pub failed: bool,
     /// When it last ran, in seconds since the Unix epoch.
     pub seen: u64,
+    /// When it passed on its last run with `cargo dtf --skip-unchanged`: the digest of what
+    /// it ran with (binary, input tree, environment, arguments). A later run with the flag
+    /// and the same digest reports it unchanged without running it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged_key: Option<String>,
 }
 
 impl Record {
@@ -67,6 +72,8 @@ pub struct Entry {
     pub duration: Duration,
     /// True when it failed.
     pub failed: bool,
+    /// The `--skip-unchanged` digest it ran with (kept only when it passed).
+    pub unchanged_key: Option<String>,
 }
 
 impl Entry {
@@ -75,12 +82,14 @@ impl Entry {
         let failed = match report.status {
             Status::Passed | Status::Flaky => false,
             Status::Failed => true,
-            Status::Ignored { .. } | Status::NotRun => return None,
+            // An unchanged test keeps the record of the run that passed.
+            Status::Ignored { .. } | Status::NotRun | Status::Unchanged => return None,
         };
         Some(Entry {
             name: report.name.clone(),
             duration: report.duration(),
             failed,
+            unchanged_key: None,
         })
     }
 }
@@ -133,9 +142,17 @@ impl History {
         Ok(history)
     }
 
+    /// True when `name` passed on its last run with the `--skip-unchanged` digest `key`.
+    pub fn unchanged(&self, name: &str, key: &str) -> bool {
+        self.tests
+            .get(name)
+            .is_some_and(|r| !r.failed && r.unchanged_key.as_deref() == Some(key))
+    }
+
     /// Adds one run's results, `now` being seconds since the Unix epoch, and forgets tests that
-    /// have not run for a month.
+    /// have not run for a month. A test that failed loses its `--skip-unchanged` digest.
     pub fn record<'a>(&mut self, entries: impl IntoIterator<Item = &'a Entry>, now: u64) {
+        let key = |entry: &Entry| entry.unchanged_key.clone().filter(|_| !entry.failed);
         for entry in entries {
             let secs = entry.duration.as_secs_f64();
             self.tests
@@ -146,6 +163,7 @@ impl History {
                     r.runs += 1;
                     r.failed = entry.failed;
                     r.seen = now;
+                    r.unchanged_key = key(entry);
                 })
                 .or_insert(Record {
                     mean_secs: secs,
@@ -153,6 +171,7 @@ impl History {
                     runs: 1,
                     failed: entry.failed,
                     seen: now,
+                    unchanged_key: key(entry),
                 });
         }
         let horizon = now.saturating_sub(FORGET_AFTER.as_secs());
@@ -257,6 +276,7 @@ mod tests {
             name: name.to_owned(),
             duration: Duration::from_millis(ms),
             failed,
+            unchanged_key: None,
         }
     }
 

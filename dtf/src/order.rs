@@ -188,6 +188,7 @@ mod tests {
                 name: "slow".into(),
                 duration: Duration::from_secs(3),
                 failed: false,
+                unchanged_key: None,
             }],
             0,
         );
@@ -201,6 +202,7 @@ mod tests {
                 name: "fast".into(),
                 duration: Duration::from_millis(1),
                 failed: false,
+                unchanged_key: None,
             }],
             0,
         );

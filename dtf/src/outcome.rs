@@ -450,6 +450,10 @@ pub enum Status {
     },
     /// Not run because the run stopped early (`--fail-fast`).
     NotRun,
+    /// Not run because it passed last time with the same binary, input tree, environment and
+    /// arguments (`cargo dtf --skip-unchanged`): reported as `ok (unchanged)`, counted as
+    /// passed.
+    Unchanged,
 }
 
 /// A test's final report: its status and every attempt.

@@ -87,6 +87,7 @@ impl Html {
             Status::Failed => ("fail", "FAILED".to_owned()),
             Status::Ignored { .. } => ("ignored", "ignored".to_owned()),
             Status::NotRun => ("notrun", "not run".to_owned()),
+            Status::Unchanged => ("pass", "ok (unchanged)".to_owned()),
         };
         let origin = self.info.origins.get(&report.name);
         let name = origin.map_or(report.name.as_str(), |o| o.test.as_str());
@@ -173,7 +174,7 @@ fn rank(report: &TestReport) -> u8 {
         Status::Failed => 0,
         Status::Flaky => 1,
         Status::NotRun => 2,
-        Status::Passed => 3,
+        Status::Passed | Status::Unchanged => 3,
         Status::Ignored { .. } => 4,
     }
 }

@@ -11,6 +11,9 @@
 //! - a test that never ran because the run stopped early (`--fail-fast`, an interrupt) is
 //!   `ignored` with a `message` and `"dtf": { "not_run": true }`, and counts as ignored in the
 //!   final suite event, so `passed + failed + ignored` is still `test_count`;
+//! - a test that `cargo dtf --skip-unchanged` did not run because it passed last time with the
+//!   same binary, input tree, environment and arguments is `ok` with no `exec_time` and
+//!   `"dtf": { "unchanged": true }`, and counts as passed;
 //! - a test that ran on a remote worker has `"dtf": { "worker": "host:port" }`;
 //! - a test that left processes running outside its process group has
 //!   `"dtf": { "leaked": ["sleep"] }` (the names of those processes, which were killed);
@@ -184,6 +187,10 @@ impl Reporter for Json {
                 fields.push_str(&format!(r#", "message": {}"#, string(NOT_RUN_MESSAGE)));
                 dtf.insert("not_run".into(), true.into());
                 "ignored"
+            }
+            Status::Unchanged => {
+                dtf.insert("unchanged".into(), true.into());
+                "ok"
             }
         };
         if let Some(origin) = self.origins.get(&report.name) {

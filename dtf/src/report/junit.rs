@@ -4,7 +4,9 @@
 //! `testcase` per test, and for retried tests Surefire's elements: `flakyFailure` for each
 //! failed attempt of a test that passed in the end, `failure` then `rerunFailure` for a test
 //! that failed every attempt (`error`/`rerunError`/`flakyError` when the infrastructure failed
-//! rather than the test). `tests/junit.xsd` is that schema.
+//! rather than the test). `tests/junit.xsd` is that schema. A test `cargo dtf
+//! --skip-unchanged` did not run (it passed last time, nothing changed) is a passing
+//! `testcase` with `time="0"` and the property `dtf.unchanged` = `true`.
 //!
 //! Whatever a test prints, the document is valid XML 1.0: output is decoded as UTF-8 with
 //! invalid bytes replaced, characters XML cannot hold (NUL, other control characters) are
@@ -188,6 +190,8 @@ impl Junit {
                 props.push(("dtf.leaked", crate::outcome::leak_note(&leaked)));
             }
             properties(w, &props)?;
+        } else if report.status == Status::Unchanged {
+            properties(w, &[("dtf.unchanged", "true".to_owned())])?;
         }
 
         match &report.status {
@@ -234,6 +238,8 @@ impl Junit {
             Status::NotRun => {
                 skipped(w, Some(NOT_RUN_MESSAGE))?;
             }
+            // Passed last time, unchanged since: a passing testcase of no time.
+            Status::Unchanged => {}
         }
         w.write_event(Event::End(BytesEnd::new("testcase")))
     }
@@ -266,7 +272,7 @@ enum Kind {
 impl Kind {
     fn of(report: &TestReport) -> Kind {
         match report.status {
-            Status::Passed | Status::Flaky => Kind::Passed,
+            Status::Passed | Status::Flaky | Status::Unchanged => Kind::Passed,
             Status::Failed => match report.attempts.first() {
                 Some(a) if is_error(a) => Kind::Error,
                 _ => Kind::Failure,

@@ -57,6 +57,8 @@ pub struct Summary {
     pub flaky: usize,
     /// Never ran (the run stopped early).
     pub not_run: usize,
+    /// Passed last time and unchanged since, so not run (included in `passed`).
+    pub unchanged: usize,
     /// Filtered out.
     pub filtered_out: usize,
     /// Wall time of the run.
@@ -77,6 +79,10 @@ impl Summary {
             Status::Failed => self.failed += 1,
             Status::Ignored { .. } => self.ignored += 1,
             Status::NotRun => self.not_run += 1,
+            Status::Unchanged => {
+                self.passed += 1;
+                self.unchanged += 1;
+            }
         }
     }
 

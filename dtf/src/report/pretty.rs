@@ -58,6 +58,9 @@ impl Pretty {
     fn word(&self, report: &TestReport) -> Option<String> {
         let word = self.status_word(report)?;
         let mut notes = Vec::new();
+        if report.status == Status::Unchanged {
+            notes.push("unchanged".to_owned());
+        }
         if report.status == Status::Flaky {
             notes.push(format!(
                 "FLAKY: passed on attempt {}",
@@ -83,7 +86,7 @@ impl Pretty {
 
     fn status_word(&self, report: &TestReport) -> Option<String> {
         Some(match &report.status {
-            Status::Passed | Status::Flaky => self.paint("ok", GREEN),
+            Status::Passed | Status::Flaky | Status::Unchanged => self.paint("ok", GREEN),
             Status::Failed => self.paint("FAILED", RED),
             Status::Ignored { reason: None } => self.paint("ignored", YELLOW),
             Status::Ignored {
@@ -96,6 +99,7 @@ impl Pretty {
     fn short(&self, report: &TestReport) -> Option<String> {
         Some(match &report.status {
             Status::Passed => ".".to_owned(),
+            Status::Unchanged => self.paint("u", GREEN),
             Status::Flaky => self.paint("f", YELLOW),
             Status::Failed => self.paint("F", RED),
             Status::Ignored { .. } => self.paint("i", YELLOW),
@@ -259,6 +263,9 @@ impl Reporter for Pretty {
         }
         if summary.not_run > 0 {
             write!(self.out, "; {} not run", summary.not_run)?;
+        }
+        if summary.unchanged > 0 {
+            write!(self.out, "; {} unchanged", summary.unchanged)?;
         }
         writeln!(self.out)?;
         for note in &summary.notes {

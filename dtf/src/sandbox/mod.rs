@@ -174,6 +174,7 @@ impl Harness {
 pub struct Sandbox {
     program: PathBuf,
     relay: Option<PathBuf>,
+    runner: Vec<std::ffi::OsString>,
     tmp_root: PathBuf,
     keep_failed_tmp: bool,
     output_cap: usize,
@@ -196,6 +197,7 @@ impl Sandbox {
         Sandbox {
             program,
             relay: None,
+            runner: Vec::new(),
             tmp_root,
             keep_failed_tmp,
             output_cap: OUTPUT_CAP,
@@ -208,6 +210,9 @@ impl Sandbox {
     /// `Err` is a warm-up's failure, which should stop the run; a server that cannot start
     /// only means tests start by exec, after a note.
     pub async fn start_fork_server(&self) -> Result<(), String> {
+        if !self.runner.is_empty() {
+            return Ok(());
+        }
         match self.fork_server().await {
             Err(StartError::WarmUp(message)) => Err(message),
             _ => Ok(()),
@@ -245,6 +250,14 @@ impl Sandbox {
     /// (see [`paths`]).
     pub fn with_paths(mut self, map: paths::PathMap) -> Sandbox {
         self.paths = Some(map);
+        self
+    }
+
+    /// The same sandbox, starting the binary through `runner` (a program and its arguments,
+    /// cargo's `target.<triple>.runner`): `RUNNER... BINARY ARGS...`. Tests then start by exec
+    /// (no fork server: the server would run outside the runner).
+    pub fn with_runner(mut self, runner: Vec<std::ffi::OsString>) -> Sandbox {
+        self.runner = runner;
         self
     }
 
@@ -305,9 +318,20 @@ impl Sandbox {
                         .map_err(|e| format!("cannot find the relay program: {e}"))?,
                 };
                 let args = Harness::libtest_args(&spec.test, *ignored, args);
-                let exec = Exec {
-                    program: self.program.clone(),
-                    args: args.into_iter().map(Into::into).collect(),
+                let exec = match self.runner.split_first() {
+                    None => Exec {
+                        program: self.program.clone(),
+                        args: args.into_iter().map(Into::into).collect(),
+                    },
+                    Some((runner, runner_args)) => Exec {
+                        program: PathBuf::from(runner),
+                        args: runner_args
+                            .iter()
+                            .cloned()
+                            .chain(std::iter::once(self.program.clone().into_os_string()))
+                            .chain(args.into_iter().map(Into::into))
+                            .collect(),
+                    },
                 };
                 (relay, Some(exec))
             }
@@ -337,8 +361,10 @@ impl Sandbox {
 
         // A dtf binary's per-test process is forked from its fork server (on Linux, unless the
         // test or the run asks for exec); a libtest binary's relay is exec'd.
-        let forks =
-            spec.spawn == Spawn::Fork && spec.harness == Harness::Dtf && cfg!(target_os = "linux");
+        let forks = spec.spawn == Spawn::Fork
+            && spec.harness == Harness::Dtf
+            && self.runner.is_empty()
+            && cfg!(target_os = "linux");
         let forked = if forks {
             match self.fork_server().await {
                 Ok(server) => {
@@ -489,7 +515,16 @@ impl Sandbox {
     ) -> Result<Started, String> {
         let child_spec = serde_json::to_string(child_spec).map_err(|e| e.to_string())?;
         let (result_read, result_write) = result_pipe()?;
-        let mut cmd = tokio::process::Command::new(program);
+        // A dtf binary through its target runner: `RUNNER... BINARY`.
+        let through_runner = program == self.program;
+        let mut cmd = match self.runner.split_first() {
+            Some((runner, args)) if through_runner => {
+                let mut cmd = tokio::process::Command::new(runner);
+                cmd.args(args).arg(program);
+                cmd
+            }
+            _ => tokio::process::Command::new(program),
+        };
         cmd.env_clear()
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env(CHILD_VAR, child_spec)
