@@ -21,9 +21,10 @@ fn dtf_dir() -> PathBuf {
         .expect("the dtf checkout")
 }
 
-/// A target directory kept between runs, so the generated crates' dependencies build once.
+/// A target directory kept between runs and shared with the other generated workspaces'
+/// tests (tests/common/workspace.rs), so the generated crates' dependencies build once.
 fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/migrate-e2e")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dtf-workspaces/shared-target")
 }
 
 fn write(root: &Path, path: &str, text: &str) {
@@ -245,6 +246,7 @@ fn cargo_dtf(root: &Path, args: &[&str]) -> Output {
         .arg(root.join("Cargo.toml"))
         .args(args)
         .env("CARGO_TARGET_DIR", target_dir())
+        .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only")
         .current_dir(root)
         .output()
         .unwrap()
@@ -266,6 +268,7 @@ fn cargo_test(root: &Path, home: &Path, extra: &[&str]) -> Output {
         .args(["test", "--workspace", "--tests"])
         .args(extra)
         .env("CARGO_TARGET_DIR", target_dir())
+        .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only")
         .env("HOME", home)
         .env("USER", "dtf-e2e-user")
         .env_remove("RUSTFLAGS")

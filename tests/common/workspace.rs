@@ -59,7 +59,9 @@ impl Workspace {
             write_if_changed(&root.join(path), text);
         }
         Workspace {
-            target: base.join(format!("{name}-target")),
+            // One target directory for every generated workspace (and cargo-dtf's migrate
+            // test): their dependencies build once.
+            target: base.join("shared-target"),
             root,
         }
     }
@@ -87,6 +89,7 @@ impl Workspace {
         }
         cmd.current_dir(&self.root)
             .env("CARGO_TARGET_DIR", &self.target)
+            .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only")
             .env("RUST_BACKTRACE", "0");
         cmd
     }
