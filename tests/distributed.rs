@@ -66,6 +66,7 @@ async fn run_on(
         )
         .await
         .expect("an answer")
+        .expect("not declined")
 }
 
 /// An authenticated protocol connection to `w`, as a coordinator opens one.
@@ -73,7 +74,10 @@ async fn connect(w: &Worker) -> protocol::Connection {
     protocol::connect(
         &w.addr,
         Some(&token()),
-        Hello { run: "e2e".into() },
+        Hello {
+            run: "e2e".into(),
+            key: None,
+        },
         Duration::from_secs(10),
     )
     .await
@@ -224,7 +228,8 @@ fn with_no_reachable_worker_the_run_goes_local_unless_workers_are_required() {
     let dead = format!("127.0.0.1:{}", closed_port());
     let unknown = "no-such-host.invalid:7878";
     let mut cmd = dtf_command(&fixture());
-    cmd.env("DTF_WORKERS", format!("{dead},{unknown}"));
+    cmd.env("DTF_WORKERS", format!("{dead},{unknown}"))
+        .env("DTF_WORKER_WAIT", "0");
     sleepers(&mut cmd, 0, None);
     let run = run_bounded(&mut cmd, MINUTE);
     assert_eq!(run.code, Some(0), "{}", run.dump());
@@ -386,6 +391,7 @@ fn when_every_worker_is_lost_the_rest_runs_locally() {
     let out = tempfile::tempdir().expect("dir");
     let mut cmd = w.command(&fixture());
     sleepers(&mut cmd, 700, Some(out.path()));
+    cmd.env("DTF_WORKER_WAIT", "1");
     let mut run = Background::start(&mut cmd);
     assert!(eventually(MINUTE, || !w.test_dirs().is_empty()));
     w.kill();
@@ -393,7 +399,8 @@ fn when_every_worker_is_lost_the_rest_runs_locally() {
     let (stdout, stderr) = run.output();
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(
-        stderr.contains("every worker is lost; running the remaining tests locally"),
+        stderr.contains("waiting up to 1s (DTF_WORKER_WAIT)")
+            && stderr.contains("every worker is lost and none came back within 1s (DTF_WORKER_WAIT); running the remaining tests locally"),
         "{stderr}"
     );
     assert!(

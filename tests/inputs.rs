@@ -361,6 +361,7 @@ fn a_hostile_manifest_is_refused_and_the_worker_keeps_serving() {
         let token = Token::new(TOKEN, "test").unwrap();
         let hello = Hello {
             run: "hostile".into(),
+            key: None,
         };
         let conn = protocol::connect(&worker.addr, Some(&token), hello, Duration::from_secs(10))
             .await

@@ -3,7 +3,8 @@
 //! ```text
 //! dtf-worker [--listen ADDR] [--slots N] [--cache-dir DIR] [--cache-max SIZE] [--token-file FILE]
 //!            [--http ADDR] [--log-format text|json]
-//! dtf-worker status ADDR [--json]
+//! dtf-worker status ADDR... [--json]
+//! dtf-worker drain ADDR
 //! dtf-worker token [--out FILE]
 //! ```
 //!
@@ -55,13 +56,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print a worker's state: slots, running tests, cache, uptime.
+    /// Print a worker's state: slots, running tests, cache, uptime. Several addresses, or a
+    /// `dns:NAME:PORT` naming several workers, print one table for the fleet.
     Status {
-        /// The worker's address, host:port (the port defaults to 7878).
-        addr: String,
+        /// The workers: host:port (the port defaults to 7878), dns:NAME:PORT (every address of
+        /// NAME), file:PATH.
+        #[arg(required = true, value_name = "ADDR")]
+        addrs: Vec<String>,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+        /// Read the token from this file (else DTF_TOKEN or DTF_TOKEN_FILE).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Drain a worker, as SIGTERM does: it takes no new tests, coordinators take back what
+    /// they queued there, running tests finish (up to its --drain-timeout), then it exits.
+    Drain {
+        /// The worker's address, host:port (the port defaults to 7878).
+        addr: String,
         /// Read the token from this file (else DTF_TOKEN or DTF_TOKEN_FILE).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
@@ -110,6 +123,10 @@ struct ServeArgs {
     /// object a line, with timestamp, level, target and fields).
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// On SIGTERM (or `dtf-worker drain`), how long running tests may go on before the worker
+    /// kills what is left and exits.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 /// `--log-format`.
@@ -119,6 +136,10 @@ enum LogFormat {
     Text,
     /// JSON lines.
     Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    dtf::cli::parse_duration(s)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -162,11 +183,16 @@ enum WorkerError {
     NewToken(std::io::Error),
     #[error("cannot write the token to {path}: {error}")]
     WriteToken { path: String, error: std::io::Error },
-    #[error("{addr}: the worker did not answer `status`: {error}")]
+    #[error("{addr}: the worker did not answer `{call}`: {error}")]
     Status {
         addr: String,
+        call: &'static str,
         error: tarpc::client::RpcError,
     },
+    #[error("{0}")]
+    Workers(String),
+    #[error("{0} of the workers did not answer (see the table)")]
+    SomeUnreachable(usize),
 }
 
 fn main() -> ExitCode {
@@ -192,10 +218,13 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Status {
-            addr,
+            addrs,
             json,
             token_file,
-        }) => runtime.block_on(status(&addr, json, token_file.as_deref())),
+        }) => runtime.block_on(status(&addrs, json, token_file.as_deref())),
+        Some(Command::Drain { addr, token_file }) => {
+            runtime.block_on(drain(&addr, token_file.as_deref()))
+        }
         Some(Command::Token { .. }) => Ok(()),
         None => runtime.block_on(serve(cli.serve)),
     };
@@ -458,9 +487,10 @@ async fn serve(args: ServeArgs) -> Result<(), WorkerError> {
         cache,
         run_dir.path().to_path_buf(),
         path_mapping,
+        args.drain_timeout,
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(stop_on_signals(stop_tx.clone()));
+    tokio::spawn(stop_on_signals(shared.clone(), stop_tx.clone()));
     {
         // From the stop signal on, the worker takes no new work: /readyz says so.
         let shared = shared.clone();
@@ -509,7 +539,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-async fn stop_on_signals(stop: watch::Sender<bool>) {
+/// SIGINT stops at once. SIGTERM (or a `drain` call) drains: no new tests, queued ones are
+/// declined, running ones finish; then, or after `--drain-timeout`, or at a second SIGTERM or
+/// SIGINT (which kill what is left), the worker stops.
+async fn stop_on_signals(shared: std::sync::Arc<service::Shared>, stop: watch::Sender<bool>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -517,39 +550,262 @@ async fn stop_on_signals(stop: watch::Sender<bool>) {
     ) else {
         return;
     };
+    let mut drain = shared.drain_signal();
     tokio::select! {
-        _ = int.recv() => info!("SIGINT: shutting down"),
-        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => {
+            info!("SIGINT: shutting down");
+            stop.send_replace(true);
+            return;
+        }
+        _ = term.recv() => {
+            shared.start_drain();
+            info!("SIGTERM: draining");
+        }
+        _ = drain.wait_for(|d| *d) => info!("drain requested: draining"),
+    }
+    let timeout = shared.drain_timeout;
+    info!(
+        running = shared.active(),
+        timeout = %format_duration(timeout),
+        "draining: taking no new tests, letting the running ones finish (a second SIGTERM or SIGINT kills them)"
+    );
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = int.recv() => {
+                tracing::warn!(running = shared.active(), "SIGINT while draining: killing the tests still running");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::warn!(running = shared.active(), "second SIGTERM while draining: killing the tests still running");
+                break;
+            }
+            _ = &mut deadline => {
+                tracing::warn!(running = shared.active(), "the drain timeout ({}) passed: killing the tests still running", format_duration(timeout));
+                break;
+            }
+            _ = poll.tick() => {
+                if shared.active() == 0 {
+                    info!("drained: no test is running");
+                    break;
+                }
+            }
+        }
     }
     stop.send_replace(true);
 }
 
-async fn status(addr: &str, json: bool, token_file: Option<&Path>) -> Result<(), WorkerError> {
-    let token = load_token(token_file)?;
-    let addr = if addr.contains(':') {
+/// `host` alone gets the default port.
+fn with_port(addr: &str) -> String {
+    if addr.contains(':') {
         addr.to_owned()
     } else {
         format!("{addr}:{}", protocol::DEFAULT_PORT)
-    };
+    }
+}
+
+/// Asks the worker at `addr` for its status.
+async fn status_of(addr: &str, token: Option<&Token>) -> Result<WorkerStatus, WorkerError> {
     let hello = Hello {
         run: "dtf-worker status".to_owned(),
+        key: None,
     };
-    let conn = protocol::connect(&addr, token.as_ref(), hello, STATUS_LIMIT).await?;
-    let status = conn
-        .client
+    let conn = protocol::connect(addr, token, hello, STATUS_LIMIT).await?;
+    conn.client
         .status(protocol::context_within(STATUS_LIMIT))
         .await
         .map_err(|error| WorkerError::Status {
+            addr: addr.to_owned(),
+            call: "status",
+            error,
+        })
+}
+
+/// `dtf-worker status ADDR...`: one worker in detail, or a table for several.
+async fn status(
+    addrs: &[String],
+    json: bool,
+    token_file: Option<&Path>,
+) -> Result<(), WorkerError> {
+    let token = load_token(token_file)?;
+    let fleet = addrs.len() > 1
+        || addrs
+            .iter()
+            .any(|a| a.starts_with("dns:") || a.starts_with("file:"));
+    if !fleet {
+        let addr = with_port(&addrs[0]);
+        let status = status_of(&addr, token.as_ref()).await?;
+        let text = if json {
+            serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
+        } else {
+            render_status(&status)
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+        return Ok(());
+    }
+    let spec = addrs
+        .iter()
+        .map(|a| {
+            if a.starts_with("dns:") || a.starts_with("file:") {
+                a.clone()
+            } else {
+                with_port(a)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let entries = match dtf::coordinator::WorkersSpec::parse(&spec, "the addresses")
+        .map_err(WorkerError::Workers)?
+    {
+        dtf::coordinator::WorkersSpec::Remote(entries) => entries,
+        dtf::coordinator::WorkersSpec::Local(_) => {
+            return Err(WorkerError::Workers(
+                "local:N names no running worker; give addresses".to_owned(),
+            ));
+        }
+    };
+    let (endpoints, problems) = dtf::coordinator::workers::resolve(&entries, STATUS_LIMIT).await;
+    for problem in &problems {
+        eprintln!("dtf-worker: warning: {}", problem.escape_debug());
+    }
+    if endpoints.is_empty() {
+        return Err(WorkerError::Workers(
+            "no worker address found (see the warnings)".to_owned(),
+        ));
+    }
+    let answers = futures::future::join_all(endpoints.iter().map(|e| {
+        let token = token.as_ref();
+        async move { (e.label.clone(), status_of(&e.addr, token).await) }
+    }))
+    .await;
+    let failed = answers.iter().filter(|(_, r)| r.is_err()).count();
+    let text = if json {
+        let rows: Vec<serde_json::Value> = answers
+            .iter()
+            .map(|(addr, r)| match r {
+                Ok(s) => serde_json::json!({ "addr": addr, "status": s }),
+                Err(e) => serde_json::json!({ "addr": addr, "error": e.to_string() }),
+            })
+            .collect();
+        serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n"
+    } else {
+        render_fleet(&answers)
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+    if failed > 0 {
+        return Err(WorkerError::SomeUnreachable(failed));
+    }
+    Ok(())
+}
+
+/// One line per worker, and a total.
+fn render_fleet(answers: &[(String, Result<WorkerStatus, WorkerError>)]) -> String {
+    let mut rows = vec![
+        [
+            "ADDRESS",
+            "NAME",
+            "STATE",
+            "PROTO",
+            "SLOTS",
+            "RUNNING",
+            "WAITING",
+            "RUNS",
+            "TESTS RUN",
+            "UPTIME",
+        ]
+        .map(str::to_owned),
+    ];
+    let (mut slots, mut running, mut waiting, mut tests, mut up) = (0u64, 0usize, 0u64, 0u64, 0);
+    for (addr, answer) in answers {
+        match answer {
+            Ok(s) => {
+                up += 1;
+                slots += u64::from(s.slots);
+                running += s.running.len();
+                waiting += u64::from(s.waiting);
+                tests += s.tests_run;
+                rows.push([
+                    addr.clone(),
+                    s.name.escape_debug().to_string(),
+                    if s.draining { "draining" } else { "ready" }.to_owned(),
+                    s.protocol.to_string(),
+                    s.slots.to_string(),
+                    s.running.len().to_string(),
+                    s.waiting.to_string(),
+                    s.connections.to_string(),
+                    s.tests_run.to_string(),
+                    format_duration(Duration::from_secs(s.uptime_secs.max(1))),
+                ]);
+            }
+            Err(e) => {
+                let mut row: [String; 10] = Default::default();
+                row[0] = addr.clone();
+                row[1] = "-".to_owned();
+                row[2] = format!("unreachable: {}", e.to_string().escape_debug());
+                rows.push(row);
+            }
+        }
+    }
+    let widths: Vec<usize> = (0..10)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c == 2 && row[2].starts_with("unreachable") {
+                line.push_str(cell);
+                break;
+            }
+            line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{up} of {} workers answered: {slots} slots, {running} running, {waiting} waiting, {tests} tests run\n",
+        answers.len()
+    ));
+    out
+}
+
+/// `dtf-worker drain ADDR`.
+async fn drain(addr: &str, token_file: Option<&Path>) -> Result<(), WorkerError> {
+    let token = load_token(token_file)?;
+    let addr = with_port(addr);
+    let hello = Hello {
+        run: "dtf-worker drain".to_owned(),
+        key: None,
+    };
+    let conn = protocol::connect(&addr, token.as_ref(), hello, STATUS_LIMIT).await?;
+    let answer = conn
+        .client
+        .drain(protocol::context_within(STATUS_LIMIT))
+        .await
+        .map_err(|error| WorkerError::Status {
             addr: addr.clone(),
+            call: "drain",
             error,
         })?;
     let mut out = std::io::stdout().lock();
-    let text = if json {
-        serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"
-    } else {
-        render_status(&status)
-    };
-    let _ = out.write_all(text.as_bytes());
+    let _ = writeln!(
+        out,
+        "{addr}: {}; {} test{} running, which may take up to {} before the worker kills what is left and exits",
+        if answer.started {
+            "draining"
+        } else {
+            "already draining"
+        },
+        answer.running,
+        if answer.running == 1 { "" } else { "s" },
+        format_duration(Duration::from_secs(answer.timeout_secs.max(1)))
+    );
     let _ = out.flush();
     Ok(())
 }
@@ -580,6 +836,9 @@ fn render_status(s: &WorkerStatus) -> String {
         s.waiting
     ));
     line(format!("runs        {} connected", s.connections));
+    if s.draining {
+        line("state       draining (takes no new tests)".to_owned());
+    }
     line(format!("tests run   {}", s.tests_run));
     line(format!(
         "cache       {} blobs (binaries and input files), {} of {}; {} hits, {} misses; {} received",
@@ -615,6 +874,7 @@ mod tests {
         assert_eq!(cli.serve.slots, Some(3));
         assert_eq!(cli.serve.cache_max, 4 << 30);
         let cli = Cli::try_parse_from(["dtf-worker", "status", "h:1", "--json"]).unwrap();
+        assert_eq!(cli.serve.drain_timeout, Duration::from_secs(300));
         assert!(matches!(
             cli.command,
             Some(Command::Status { json: true, .. })

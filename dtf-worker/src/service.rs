@@ -1,16 +1,24 @@
 //! The worker service: accepts coordinator connections, authenticates each before serving
 //! anything, and serves the [`Worker`] protocol on it.
 //!
-//! Each connection is one run. Its request handlers run as tasks owned by the connection:
-//! when the coordinator disconnects (or its socket errors, or it sends a malformed or
-//! oversized frame), every handler is aborted, which kills the process groups of its running
-//! tests and removes their temporary directories (see [`dtf::sandbox::Sandbox::run`]).
+//! Each connection belongs to one run. Its request handlers run as tasks owned by the
+//! connection: when the coordinator disconnects (or its socket errors, or it sends a malformed
+//! or oversized frame), every handler is aborted, which kills the process groups of its running
+//! tests and removes their temporary directories (see [`dtf::sandbox::Sandbox::run`]). What the
+//! run holds (pinned blobs, input trees, fork servers) is kept for [`RUN_LINGER`] after its last
+//! connection closes when the coordinator named the run with a key (protocol 4): a coordinator
+//! that reconnects says the same key and finds it again.
+//!
+//! Coordinators of protocol 3 are served through [`protocol::v3`]'s translation.
+//!
+//! Draining ([`Shared::start_drain`]): run requests waiting for a slot and new ones are
+//! declined, heartbeats and hellos say so, and running tests go on.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -18,9 +26,9 @@ use std::time::{Duration, Instant};
 use dtf::inputs::{self, Manifest, Materialized, OutputFile};
 use dtf::outcome::{Failure, escape_control};
 use dtf::protocol::{
-    self, CHUNK_SIZE, Chunk, Digest, Download, Hello, InputsReady,
-    MAX_PARTIAL_UPLOADS_PER_CONNECTION, RunRequest, RunResponse, RunningTest, Token, UploadError,
-    UploadProgress, Worker, WorkerInfo, WorkerStatus,
+    self, Beat, CHUNK_SIZE, Chunk, Declined, Digest, Download, DrainStarted, Hello, InputsReady,
+    MAX_PARTIAL_UPLOADS_PER_CONNECTION, RunKey, RunRequest, RunResponse, RunningTest, Token,
+    UploadError, UploadProgress, Worker, WorkerInfo, WorkerStatus,
 };
 use dtf::registry::Isolation;
 use dtf::sandbox::Sandbox;
@@ -52,6 +60,10 @@ const MAX_DIGESTS: usize = 8192;
 /// The longest run label kept.
 const MAX_LABEL: usize = 200;
 
+/// How long what a run holds is kept after its last connection closed, for a coordinator that
+/// reconnects.
+pub const RUN_LINGER: Duration = Duration::from_secs(60);
+
 /// State shared by every connection.
 pub struct Shared {
     /// The worker's name.
@@ -66,14 +78,22 @@ pub struct Shared {
     pub path_mapping: Option<String>,
     /// Counters for `/metrics` and the status page.
     pub metrics: Metrics,
-    /// True while the worker drains: it finishes what it has and takes no new work.
+    /// True once the worker drains (SIGTERM or `drain`): it takes no new tests; `/readyz`
+    /// fails.
     draining: AtomicBool,
+    /// How long a drain lets running tests go on (`--drain-timeout`).
+    pub drain_timeout: Duration,
+    drain: watch::Sender<bool>,
+    /// Run requests past the draining check and not yet finished.
+    active: AtomicUsize,
     pool: Arc<SlotPool>,
     started: Instant,
     tests_run: AtomicU64,
     connections: AtomicU32,
     next_id: AtomicU64,
     running: Mutex<HashMap<u64, Running>>,
+    /// Runs that named themselves with a key, by key.
+    runs: Mutex<HashMap<RunKey, Arc<RunState>>>,
 }
 
 struct Running {
@@ -90,6 +110,7 @@ impl Shared {
         cache: Cache,
         tmp_root: PathBuf,
         path_mapping: Option<String>,
+        drain_timeout: Duration,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             name,
@@ -99,6 +120,10 @@ impl Shared {
             path_mapping,
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
+            drain_timeout,
+            drain: watch::channel(false).0,
+            active: AtomicUsize::new(0),
+            runs: Mutex::new(HashMap::new()),
             pool: SlotPool::new(slots),
             started: Instant::now(),
             tests_run: AtomicU64::new(0),
@@ -108,19 +133,28 @@ impl Shared {
         })
     }
 
-    fn running(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    /// Starts draining: no new tests; those waiting for a slot are declined. False when it was
+    /// draining already.
+    pub fn start_drain(&self) -> bool {
+        let first = !self.draining.swap(true, Ordering::SeqCst);
+        self.drain.send_replace(true);
+        first
     }
 
     /// Marks the worker as draining (or not): `/readyz` fails and `dtf_worker_draining` is 1
-    /// while it is.
+    /// while it is. Turning it on starts a drain ([`Shared::start_drain`]).
     pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
+        if draining {
+            self.start_drain();
+        } else {
+            self.draining.store(false, Ordering::SeqCst);
+            self.drain.send_replace(false);
+        }
     }
 
     /// True while the worker drains.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// What `dtf-worker status` reports.
@@ -137,6 +171,24 @@ impl Shared {
             draining: self.is_draining(),
             cache: self.cache.stats(),
         }
+    }
+
+    /// Turns true when the worker starts draining.
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.drain.subscribe()
+    }
+
+    /// Tests running (or about to start) now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    fn runs(&self) -> MutexGuard<'_, HashMap<RunKey, Arc<RunState>>> {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn status(&self) -> WorkerStatus {
@@ -167,6 +219,7 @@ impl Shared {
             cache_misses: cache.misses,
             bytes_received: cache.received,
             uptime_secs: self.started.elapsed().as_secs(),
+            draining: self.is_draining(),
         }
     }
 }
@@ -175,17 +228,45 @@ impl Shared {
 #[derive(Clone)]
 struct Conn {
     shared: Arc<Shared>,
+    /// The run this connection belongs to (its own, until a hello names a known run).
+    run: Arc<Mutex<Arc<RunState>>>,
+    /// The connection asked about, uploaded or ran something: it counts as a run (one that
+    /// only asks for `status` is not counted or logged as one).
+    is_run: Arc<AtomicBool>,
+}
+
+/// What a run holds on this worker, across its connections.
+struct RunState {
     id: RunId,
-    state: Arc<Mutex<ConnState>>,
+    key: Option<RunKey>,
+    /// Connections of the run open now.
+    connections: AtomicUsize,
+    state: Mutex<ConnState>,
+}
+
+impl RunState {
+    fn lock(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new(id: RunId, peer: SocketAddr) -> Arc<RunState> {
+        Arc::new(RunState {
+            id,
+            key: None,
+            connections: AtomicUsize::new(1),
+            state: Mutex::new(ConnState {
+                label: peer.to_string(),
+                peer: Some(peer),
+                ..ConnState::default()
+            }),
+        })
+    }
 }
 
 #[derive(Default)]
 struct ConnState {
     label: String,
-    /// The connection asked about, uploaded or ran something: it is a run (a connection that
-    /// only asks for `status` is not counted or logged as one).
-    is_run: bool,
-    /// The coordinator's address.
+    /// The coordinator's address (of the run's first connection).
     peer: Option<SocketAddr>,
     pins: HashSet<Digest>,
     uploads: HashMap<Digest, crate::cache::Upload>,
@@ -200,36 +281,81 @@ struct ConnState {
     sandboxes: HashMap<(Digest, Option<Digest>), Sandbox>,
 }
 
+/// Removes a finished run request from the count a drain waits for.
+struct Active<'a>(&'a Shared);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Conn {
-    fn state(&self) -> MutexGuard<'_, ConnState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn current(&self) -> Arc<RunState> {
+        self.run.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The run's id (the fair share's key and the logs' `run`).
+    fn id(&self) -> RunId {
+        self.current().id
     }
 
     /// Counts and logs this connection as a run, the first time it asks for work.
     fn as_run(&self) {
-        let mut state = self.state();
-        if state.is_run {
+        if self.is_run.swap(true, Ordering::SeqCst) {
             return;
         }
-        state.is_run = true;
-        let (label, peer) = (state.label.clone(), state.peer);
-        drop(state);
+        let (label, peer) = {
+            let run = self.current();
+            let state = run.lock();
+            (state.label.clone(), state.peer)
+        };
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
         let peer = peer.map(|p| p.to_string()).unwrap_or_default();
-        info!(run = self.id, %peer, label = %label, "run started");
+        info!(run = self.id(), %peer, label = %label, "run started");
     }
 
     /// Records a finished test in the metrics and the recent results.
     fn finished(&self, test: &str, outcome: Outcome, duration: Duration) {
-        let label = self.state().label.clone();
+        let label = self.current().lock().label.clone();
         self.shared
             .metrics
             .test_finished(test, &label, outcome, duration);
     }
 
+    /// Joins the run named `key`: the one already here (from an earlier connection), or this
+    /// connection's own, registered under the key.
+    fn join(&self, key: RunKey) -> bool {
+        let mut runs = self.shared.runs();
+        let mut slot = self.run.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.key == Some(key) {
+            return false;
+        }
+        if let Some(existing) = runs.get(&key) {
+            existing.connections.fetch_add(1, Ordering::SeqCst);
+            let own = std::mem::replace(&mut *slot, existing.clone());
+            drop(slot);
+            drop(runs);
+            own.connections.fetch_sub(1, Ordering::SeqCst);
+            close_run(&self.shared, &own);
+            return true;
+        }
+        let own = slot.clone();
+        let keyed = Arc::new(RunState {
+            id: own.id,
+            key: Some(key),
+            connections: AtomicUsize::new(1),
+            state: Mutex::new(std::mem::take(&mut *own.lock())),
+        });
+        runs.insert(key, keyed.clone());
+        *slot = keyed;
+        false
+    }
+
     /// Pins `digest` for this connection once (so it survives until the connection closes).
     fn pin(&self, digest: Digest) -> bool {
-        let mut state = self.state();
+        let run = self.current();
+        let mut state = run.lock();
         if state.pins.contains(&digest) {
             return true;
         }
@@ -241,28 +367,40 @@ impl Conn {
         }
     }
 
-    /// Releases what the connection held: pins, partial uploads and its input trees.
+    /// The connection closed: its run releases what it held (pins, partial uploads, input
+    /// trees, fork servers) when this was its last connection, at once for a run without a
+    /// key, after [`RUN_LINGER`] without a new connection for one with a key.
     fn close(&self) {
-        let mut state = self.state();
-        for digest in state.pins.drain() {
-            self.shared.cache.unpin(&digest);
+        let run = self.current();
+        if run.connections.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
         }
-        state.uploads.clear();
-        state.trees.clear();
-        state.outputs.clear();
-        for dir in state.tree_dirs.drain(..) {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                warn!(run = self.id, dir = %dir.display(), "cannot remove an input tree: {e}");
+        let Some(key) = run.key else {
+            close_run(&self.shared, &run);
+            return;
+        };
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RUN_LINGER).await;
+            let mut runs = shared.runs();
+            if run.connections.load(Ordering::SeqCst) == 0
+                && runs.get(&key).is_some_and(|r| Arc::ptr_eq(r, &run))
+            {
+                runs.remove(&key);
+                drop(runs);
+                info!(
+                    run = run.id,
+                    "run forgotten: no connection for {RUN_LINGER:?}"
+                );
+                close_run(&shared, &run);
             }
-        }
-        state.sandboxes.clear();
-        self.shared.pool.forget(self.id);
+        });
     }
 
     /// Builds the tree of the manifest with `digest` (stored like any blob), once.
     fn prepare_tree(&self, digest: Digest) -> Result<InputsReady, String> {
         let cache = &self.shared.cache;
-        if let Some(tree) = self.state().trees.get(&digest) {
+        if let Some(tree) = self.current().lock().trees.get(&digest) {
             return Ok(ready(tree));
         }
         let path = cache
@@ -282,17 +420,18 @@ impl Conn {
         let dir = self
             .shared
             .tmp_root
-            .join(format!("inputs-{}-{}", self.id, digest.short()));
-        self.state().tree_dirs.push(dir.clone());
+            .join(format!("inputs-{}-{}", self.id(), digest.short()));
+        self.current().lock().tree_dirs.push(dir.clone());
         let tree = inputs::materialize(&manifest, |d| cache.use_binary(d), &dir)?;
         let tree = Arc::new(tree);
-        self.state().trees.insert(digest, tree.clone());
+        self.current().lock().trees.insert(digest, tree.clone());
         Ok(ready(&tree))
     }
 
     fn upload_chunk(&self, chunk: Chunk) -> Result<UploadProgress, UploadError> {
         let cache = &self.shared.cache;
-        let mut state = self.state();
+        let run = self.current();
+        let mut state = run.lock();
         let mut upload = match state.uploads.remove(&chunk.digest) {
             Some(upload) => upload,
             None if chunk.offset == 0
@@ -321,13 +460,35 @@ impl Conn {
         }
         drop(state);
         cache.finish(upload)?;
-        let mut state = self.state();
+        let run = self.current();
+        let mut state = run.lock();
         // `finish` pinned it once for us.
         if !state.pins.insert(chunk.digest) {
             cache.unpin(&chunk.digest);
         }
         Ok(UploadProgress::Stored)
     }
+}
+
+/// Releases what a run held, once no connection has it.
+fn close_run(shared: &Shared, run: &RunState) {
+    if run.connections.load(Ordering::SeqCst) != 0 {
+        return;
+    }
+    let mut state = run.state.lock().unwrap_or_else(|e| e.into_inner());
+    for digest in state.pins.drain() {
+        shared.cache.unpin(&digest);
+    }
+    state.uploads.clear();
+    state.trees.clear();
+    state.outputs.clear();
+    for dir in state.tree_dirs.drain(..) {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            warn!(run = run.id, dir = %dir.display(), "cannot remove an input tree: {e}");
+        }
+    }
+    state.sandboxes.clear();
+    shared.pool.forget(run.id);
 }
 
 /// Removes a test from the running list when its handler ends or is aborted.
@@ -364,13 +525,19 @@ impl Worker for Conn {
         // Control characters are shown escaped (`\n`, `\u{1b}`): the label reaches logs and
         // `dtf-worker status`.
         let label: String = escape_control(&hello.run).chars().take(MAX_LABEL).collect();
-        tracing::debug!(run = self.id, label = %label, "hello");
-        self.state().label = label;
+        let rejoined = hello.key.is_some_and(|key| self.join(key));
+        if rejoined {
+            info!(run = self.id(), label = %label, "run reconnected: what it shipped is still here");
+        } else {
+            tracing::debug!(run = self.id(), label = %label, "hello");
+        }
+        self.current().lock().label = label;
         WorkerInfo {
             name: self.shared.name.clone(),
             slots: self.shared.slots as u32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             path_mapping: self.shared.path_mapping.clone(),
+            draining: self.shared.is_draining(),
         }
     }
 
@@ -378,7 +545,8 @@ impl Worker for Conn {
         self.as_run();
         let digests = &digests[..digests.len().min(MAX_DIGESTS)];
         let (missing, pinned) = self.shared.cache.check_and_pin(digests);
-        let mut state = self.state();
+        let run = self.current();
+        let mut state = run.lock();
         for digest in pinned {
             if !state.pins.insert(digest) {
                 self.shared.cache.unpin(&digest);
@@ -393,15 +561,15 @@ impl Worker for Conn {
         let result = tokio::task::block_in_place(|| self.upload_chunk(chunk));
         match &result {
             Ok(UploadProgress::Stored) => {
-                info!(run = self.id, digest = %digest.short(), "binary stored")
+                info!(run = self.id(), digest = %digest.short(), "binary stored")
             }
             Ok(UploadProgress::Partial(_)) => {}
-            Err(e) => warn!(run = self.id, digest = %digest.short(), "upload refused: {e}"),
+            Err(e) => warn!(run = self.id(), digest = %digest.short(), "upload refused: {e}"),
         }
         result
     }
 
-    async fn run(self, _: Context, request: RunRequest) -> RunResponse {
+    async fn run(self, _: Context, request: RunRequest) -> Result<RunResponse, Declined> {
         let RunRequest {
             digest,
             inputs,
@@ -411,18 +579,18 @@ impl Worker for Conn {
         let shared = &self.shared;
         let tree = match inputs {
             None => None,
-            Some(manifest) => match self.state().trees.get(&manifest) {
+            Some(manifest) => match self.current().lock().trees.get(&manifest) {
                 Some(tree) => Some(tree.clone()),
                 None => {
                     self.finished(&spec.test, Outcome::SystemError, Duration::ZERO);
-                    return system_failure(
+                    return Ok(system_failure(
                         shared,
                         format!(
                             "the input tree {} was not prepared on worker {}",
                             manifest.short(),
                             shared.name
                         ),
-                    );
+                    ));
                 }
             },
         };
@@ -433,23 +601,38 @@ impl Worker for Conn {
         spec.capture = true;
         let output_cap = match dtf::outcome::take_output_cap(&mut spec.env) {
             Ok(cap) => cap,
-            Err(message) => return system_failure(shared, message),
+            Err(message) => return Ok(system_failure(shared, message)),
         };
-        let _permit = shared.pool.acquire(self.id).await;
+        // A draining worker declines what waits for a slot, and anything new.
+        if shared.is_draining() {
+            return Err(Declined::Draining);
+        }
+        let mut drain = shared.drain_signal();
+        let _permit = tokio::select! {
+            permit = shared.pool.acquire(self.id()) => permit,
+            _ = drain.wait_for(|d| *d) => return Err(Declined::Draining),
+        };
+        // Counted before the check, so a drain that starts now either sees this test or this
+        // test sees the drain.
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let _active = Active(shared);
+        if shared.is_draining() {
+            return Err(Declined::Draining);
+        }
         let Some(path) = shared.cache.use_binary(&digest) else {
             self.finished(&spec.test, Outcome::SystemError, Duration::ZERO);
-            return system_failure(
+            return Ok(system_failure(
                 shared,
                 format!(
                     "the test binary {} is not in worker {}'s cache (it was never uploaded on this connection)",
                     digest.short(),
                     shared.name
                 ),
-            );
+            ));
         };
         self.pin(digest);
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let label = self.state().label.clone();
+        let label = self.current().lock().label.clone();
         shared.running().insert(
             id,
             Running {
@@ -477,7 +660,8 @@ impl Worker for Conn {
         // One sandbox (and so one fork server) per binary and input tree on this connection,
         // looked up and inserted under one lock: tests that arrive together share it.
         let sandbox = self
-            .state()
+            .current()
+            .lock()
             .sandboxes
             .entry((digest, inputs))
             .or_insert_with(|| {
@@ -497,19 +681,19 @@ impl Worker for Conn {
         self.finished(&spec.test, outcome, attempt.duration);
         match &attempt.failure {
             None => {
-                info!(run = self.id, test = %escape_control(&spec.test), ms = attempt.duration.as_millis() as u64, "passed")
+                info!(run = self.id(), test = %escape_control(&spec.test), ms = attempt.duration.as_millis() as u64, "passed")
             }
             Some(f) => {
-                info!(run = self.id, test = %escape_control(&spec.test), ms = attempt.duration.as_millis() as u64, "failed: {}", escape_control(f.to_string().lines().next().unwrap_or_default()))
+                info!(run = self.id(), test = %escape_control(&spec.test), ms = attempt.duration.as_millis() as u64, "failed: {}", escape_control(f.to_string().lines().next().unwrap_or_default()))
             }
         }
-        RunResponse {
+        Ok(RunResponse {
             failure: attempt.failure,
             duration: attempt.duration,
             output: attempt.output,
             leaked: attempt.leaked,
             worker: shared.name.clone(),
-        }
+        })
     }
 
     async fn prepare_inputs(self, _: Context, manifest: Digest) -> Result<InputsReady, String> {
@@ -517,21 +701,22 @@ impl Worker for Conn {
         let result = tokio::task::block_in_place(|| self.prepare_tree(manifest));
         match &result {
             Ok(r) => {
-                info!(run = self.id, manifest = %manifest.short(), files = r.files, "input tree ready")
+                info!(run = self.id(), manifest = %manifest.short(), files = r.files, "input tree ready")
             }
             Err(e) => {
-                warn!(run = self.id, manifest = %manifest.short(), "input tree refused: {}", e.escape_debug())
+                warn!(run = self.id(), manifest = %manifest.short(), "input tree refused: {}", e.escape_debug())
             }
         }
         result
     }
 
     async fn outputs(self, _: Context, manifest: Digest) -> Vec<OutputFile> {
-        let Some(tree) = self.state().trees.get(&manifest).cloned() else {
+        let Some(tree) = self.current().lock().trees.get(&manifest).cloned() else {
             return Vec::new();
         };
         let found = tokio::task::block_in_place(|| inputs::collect_outputs(&tree));
-        let mut state = self.state();
+        let run = self.current();
+        let mut state = run.lock();
         found
             .into_iter()
             .map(|(file, local)| {
@@ -543,7 +728,7 @@ impl Worker for Conn {
 
     async fn download(self, _: Context, digest: Digest, offset: u64) -> Result<Download, String> {
         use std::io::{Read, Seek, SeekFrom};
-        let Some(path) = self.state().outputs.get(&digest).cloned() else {
+        let Some(path) = self.current().lock().outputs.get(&digest).cloned() else {
             return Err(format!("{} is not an output of this run", digest.short()));
         };
         tokio::task::block_in_place(|| {
@@ -558,12 +743,27 @@ impl Worker for Conn {
         })
     }
 
-    async fn ping(self, _: Context) -> u64 {
-        self.shared.started.elapsed().as_millis() as u64
+    async fn ping(self, _: Context) -> Beat {
+        Beat {
+            uptime_ms: self.shared.started.elapsed().as_millis() as u64,
+            draining: self.shared.is_draining(),
+        }
     }
 
     async fn status(self, _: Context) -> WorkerStatus {
         self.shared.status()
+    }
+
+    async fn drain(self, _: Context) -> DrainStarted {
+        let started = self.shared.start_drain();
+        if started {
+            info!(run = self.id(), "drain requested");
+        }
+        DrainStarted {
+            started,
+            running: self.shared.active() as u32,
+            timeout_secs: self.shared.drain_timeout.as_secs(),
+        }
     }
 }
 
@@ -826,7 +1026,7 @@ async fn handle(
     token: Option<Token>,
 ) {
     protocol::configure_socket(&stream);
-    let (closed_tx, mut closed) = watch::channel(false);
+    let (closed_tx, closed) = watch::channel(false);
     let outcome = match tokio::time::timeout(
         HANDSHAKE_LIMIT,
         authenticate(stream, &mut pending, token.as_ref(), closed_tx),
@@ -884,15 +1084,53 @@ async fn handle(
     tracing::debug!(%peer, run = id, "connection authenticated");
     let conn = Conn {
         shared: shared.clone(),
-        id,
-        state: Arc::new(Mutex::new(ConnState {
-            label: peer.to_string(),
-            peer: Some(peer),
-            ..ConnState::default()
-        })),
+        run: Arc::new(Mutex::new(RunState::new(id, peer))),
+        is_run: Arc::new(AtomicBool::new(false)),
     };
+    let version = stream.version();
+    if version == protocol::v3::VERSION {
+        serve_connection(
+            protocol::v3::server_transport(stream),
+            &conn,
+            closed,
+            peer,
+            version,
+        )
+        .await;
+    } else {
+        serve_connection(
+            protocol::server_transport(stream),
+            &conn,
+            closed,
+            peer,
+            version,
+        )
+        .await;
+    }
+    conn.close();
+    if conn.is_run.load(Ordering::SeqCst) {
+        shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
-    let transport: protocol::ServerTransport<Watched> = protocol::server_transport(stream);
+/// Serves one authenticated connection until it ends, then aborts its handlers.
+async fn serve_connection<T>(
+    transport: T,
+    conn: &Conn,
+    mut closed: watch::Receiver<bool>,
+    peer: SocketAddr,
+    version: u32,
+) where
+    T: tarpc::Transport<
+            tarpc::Response<protocol::WorkerResponse>,
+            tarpc::ClientMessage<protocol::WorkerRequest>,
+        > + Send
+        + 'static,
+{
+    let id = conn.id();
+    if version != protocol::PROTOCOL_VERSION {
+        info!(%peer, run = id, version, "the coordinator speaks an older protocol version");
+    }
     let channel = BaseChannel::with_defaults(transport);
     let mut requests = Box::pin(
         channel
@@ -918,8 +1156,8 @@ async fn handle(
     // Aborting a run handler drops its sandbox future: the test's process group is killed and
     // its temporary directory removed.
     handlers.shutdown().await;
-    conn.close();
-    if !conn.state().is_run {
+    let id = conn.id();
+    if !conn.is_run.load(Ordering::SeqCst) {
         // `dtf-worker status` and the like: not a run. A broken connection is still logged.
         if reason.starts_with("connection error") {
             warn!(%peer, run = id, "connection ended before it asked for work: {reason}");
@@ -928,7 +1166,6 @@ async fn handle(
         }
         return;
     }
-    shared.connections.fetch_sub(1, Ordering::Relaxed);
     if cancelled > 0 {
         warn!(%peer, run = id, cancelled, "run ended: {reason}; its requests in flight were cancelled");
     } else {

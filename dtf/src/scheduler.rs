@@ -214,6 +214,17 @@ impl Scheduler {
         None
     }
 
+    /// The worker sent `job` declined it before it started (it is draining): queue it again,
+    /// first in line, counting nothing against the test.
+    pub fn declined(&mut self, job: Job) {
+        self.release(job.test);
+        let state = &self.tests[job.test];
+        if state.done || self.stopped {
+            return;
+        }
+        self.queue.push_front(job.test);
+    }
+
     /// Stops dispatching (fail-fast or an interrupt): returns the tests that will never run.
     /// Attempts in flight may still be recorded.
     pub fn stop(&mut self) -> Vec<usize> {
@@ -354,6 +365,25 @@ mod tests {
         let other = s.next_job().unwrap();
         let f = s.record(other, pass(), false).unwrap();
         assert!(!f.rerun_after_lost_worker);
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn a_declined_test_goes_back_first_in_line_and_counts_nothing() {
+        let mut s = Scheduler::new(vec![0, 1], &[0, 0]);
+        for _ in 0..2 * MAX_WORKER_LOSSES {
+            let job = s.next_job().unwrap();
+            assert_eq!(job.test, 0);
+            assert_eq!(s.in_flight(), 1);
+            s.declined(job);
+            assert_eq!(s.in_flight(), 0);
+        }
+        let job = s.next_job().unwrap();
+        let f = s.record(job, pass(), true).unwrap();
+        assert_eq!((f.status, f.attempts.len()), (Status::Passed, 1));
+        assert!(!f.rerun_after_lost_worker);
+        let other = s.next_job().unwrap();
+        s.record(other, pass(), true).unwrap();
         assert!(s.is_done());
     }
 

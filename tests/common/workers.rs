@@ -27,6 +27,8 @@ pub struct WorkerConfig {
     pub hide: Option<PathBuf>,
     /// Extra environment of the worker process.
     pub env: Vec<(String, String)>,
+    /// `--listen` (default `127.0.0.1:0`: a free port on loopback).
+    pub listen: String,
 }
 
 impl Default for WorkerConfig {
@@ -39,6 +41,7 @@ impl Default for WorkerConfig {
             nofile: None,
             hide: None,
             env: Vec::new(),
+            listen: "127.0.0.1:0".to_owned(),
         }
     }
 }
@@ -94,6 +97,32 @@ impl Worker {
         self.addr = addr;
         self.http = http;
         self.log = log;
+    }
+
+    /// Kills the worker (SIGKILL) and starts a new process on the same address, cache and
+    /// `TMPDIR`, as an operator restarting it in place would.
+    pub fn restart_in_place(&mut self) {
+        self.kill();
+        let mut config = self.config.clone();
+        config.listen = self.addr.clone();
+        let (child, addr, http, log) = launch(self.root.path(), &config);
+        assert_eq!(addr, self.addr, "the restarted worker listens where it did");
+        self.child = child;
+        self.http = http;
+        self.log = log;
+    }
+
+    /// Waits up to `limit` for the worker to exit by itself; its exit code (`None` when it
+    /// did not exit in time, or died of a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// The worker's process id.
@@ -382,7 +411,7 @@ fn launch(
             cmd
         }
     };
-    cmd.args(["--listen", "127.0.0.1:0", "--slots"])
+    cmd.args(["--listen", &config.listen, "--slots"])
         .arg(config.slots.to_string())
         .arg("--cache-dir")
         .arg(root.join("cache"))
@@ -456,7 +485,7 @@ fn launch(
             )
         })
         .to_owned();
-    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert!(addr.starts_with("127."), "{addr}");
     let http = config.args.iter().any(|a| a == "--http").then(|| {
         let line = rx
             .recv_timeout(Duration::from_secs(20))

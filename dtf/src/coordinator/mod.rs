@@ -7,12 +7,22 @@
 //! run.
 //!
 //! Failures:
-//! - a worker unreachable at start is named in a warning and left out; with none reachable
-//!   the run goes local (or fails with `DTF_REQUIRE_WORKERS=1`);
+//! - a worker unreachable at start is named in a warning and tried again with back-off
+//!   ([`backoff`]) for the whole run; when it answers it is used like the others;
 //! - a worker that dies or hangs is noticed by its heartbeat (a ping every second with a short
 //!   deadline; two misses and it is lost) or by its connection failing; its tests in flight
 //!   are requeued (the scheduler fails a test whose worker was lost [`MAX_WORKER_LOSSES`]
-//!   times); with every worker lost, the rest runs locally;
+//!   times), and it is tried again like an unreachable one. Every connection of the run says
+//!   the same [`RunKey`], so a worker that lived finds what it holds for the run;
+//! - a draining worker (SIGTERM, `dtf-worker drain`) says so in its heartbeat and declines what
+//!   was queued there; it is sent nothing more, its running tests finish there, and the
+//!   declined ones run elsewhere without counting as attempts;
+//! - with no worker left, the run waits up to `DTF_WORKER_WAIT` (60 s) for one to come back,
+//!   then runs the rest locally, or with `DTF_REQUIRE_WORKERS=1` fails without running any test
+//!   here;
+//! - `dns:` and `file:` entries of `DTF_WORKERS` are looked up again every
+//!   `DTF_WORKERS_REFRESH` (10 s): new workers join, vanished ones take nothing new and leave
+//!   when their tests are done;
 //! - an infrastructure failure on a worker (`Failure::System`) is retried elsewhere, bounded
 //!   by the scheduler; a test's own failure never is (beyond its `retries`).
 //!
@@ -67,6 +77,49 @@ const NO_TIMEOUT_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The variable that makes a run fail instead of running locally when no worker is reachable.
 pub const REQUIRE_VAR: &str = "DTF_REQUIRE_WORKERS";
 
+/// The variable that says how long a run with no worker left waits for one to come back.
+pub const WAIT_VAR: &str = "DTF_WORKER_WAIT";
+
+/// How long a run with no worker left waits for one, unless `DTF_WORKER_WAIT` says.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+/// The variable that says how often `dns:` and `file:` entries are looked up again.
+pub const REFRESH_VAR: &str = "DTF_WORKERS_REFRESH";
+
+/// The first retry of an unreachable or lost worker comes after this long; each further one
+/// waits twice as long, up to [`BACKOFF_MAX`].
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+
+/// The longest wait between two tries of an unreachable worker.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long to wait before try number `failures + 1` of an unreachable worker: doubling from
+/// [`BACKOFF_FIRST`] up to [`BACKOFF_MAX`], then scaled by `0.75 + jitter / 2` (`jitter` in
+/// `0..1`) so that coordinators waiting for the same worker do not all call at once.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let doubled = BACKOFF_FIRST.saturating_mul(1u32 << failures.min(16));
+    let capped = doubled.min(BACKOFF_MAX);
+    capped.mul_f64(0.75 + jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+/// Reads a duration variable: seconds (`30`, `0`) or a duration (`500ms`, `2m`).
+fn duration_var(name: &str, default: Duration) -> Result<Duration, Error> {
+    match std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
+        None => Ok(default),
+        Some(v) => {
+            let v = v.trim();
+            if let Ok(secs) = v.parse::<u64>() {
+                return Ok(Duration::from_secs(secs));
+            }
+            crate::cli::parse_duration(v).map_err(|e| {
+                Error::Workers(format!(
+                    "invalid {name}=`{v}`: {e} (seconds, such as 60, or a duration, such as 500ms or 2m)"
+                ))
+            })
+        }
+    }
+}
+
 /// Settings of a distributed run.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -84,6 +137,10 @@ pub struct Options {
     /// What travels with the binary as its input tree (none: the tests see the worker's
     /// filesystem as it is).
     pub inputs: Option<Inputs>,
+    /// How long a run with no worker left waits for one (`DTF_WORKER_WAIT`).
+    pub wait: Duration,
+    /// How often `dns:` and `file:` entries are looked up again (`DTF_WORKERS_REFRESH`).
+    pub refresh: Duration,
 }
 
 /// The input tree's sources, and the paths compiled into the binary (named when a worker
@@ -117,6 +174,9 @@ impl Options {
         };
         let workers = WorkersSpec::parse(&value, source).map_err(Error::Workers)?;
         let require = std::env::var(REQUIRE_VAR).is_ok_and(|v| !v.is_empty() && v != "0");
+        let wait = duration_var(WAIT_VAR, DEFAULT_WAIT)?;
+        let refresh =
+            duration_var(REFRESH_VAR, workers::DEFAULT_REFRESH)?.max(Duration::from_millis(100));
         Ok(Some(Options {
             workers,
             require,
@@ -124,6 +184,8 @@ impl Options {
             fail_fast,
             slow,
             inputs: None,
+            wait,
+            refresh,
         }))
     }
 }
@@ -139,8 +201,8 @@ pub struct Outcome {
 }
 
 /// Runs `plan` on the workers `options` names, falling back to `sandboxes` (local runs) when
-/// none is reachable or all are lost. `sandboxes[i]` is binary `i` of the plan: each is
-/// shipped once to each worker that lacks it.
+/// none is reachable or all are lost for longer than `DTF_WORKER_WAIT`. `sandboxes[i]` is
+/// binary `i` of the plan: each is shipped once to each worker that lacks it.
 pub async fn run(
     plan: &Plan,
     order: Vec<usize>,
@@ -152,14 +214,19 @@ pub async fn run(
         return Err(Error::Workers("no test binary to run".to_owned()));
     };
     let binary_path = first.program().to_path_buf();
-    let (endpoints, token, local_workers) = match &options.workers {
-        WorkersSpec::Remote(addrs) => {
+    let (endpoints, token, local_workers, discovery) = match &options.workers {
+        WorkersSpec::Remote(entries) => {
             let token = Token::from_env().map_err(|e| Error::Workers(e.to_string()))?;
-            (
-                addrs.iter().map(|a| (a.clone(), None)).collect::<Vec<_>>(),
-                token,
-                None,
-            )
+            let (endpoints, problems) = workers::resolve(entries, workers::CONNECT_LIMIT).await;
+            for problem in problems {
+                warn(&escape(&problem));
+            }
+            let dynamic: Vec<workers::Entry> = entries.clone();
+            let discovery = entries
+                .iter()
+                .any(workers::Entry::is_dynamic)
+                .then_some(dynamic);
+            (endpoints, token, None, discovery)
         }
         WorkersSpec::Local(n) => {
             let each = (options.slots / n).max(1);
@@ -171,20 +238,18 @@ pub async fn run(
             let endpoints = started
                 .endpoints()
                 .into_iter()
-                .map(|(addr, name)| (addr, Some(name)))
+                .map(|(addr, name)| workers::Endpoint {
+                    key: addr.clone(),
+                    addr,
+                    label: name,
+                })
                 .collect();
-            (endpoints, Some(token), Some(started))
+            (endpoints, Some(token), Some(started), None)
         }
     };
 
     let outcome = run_on(
-        plan,
-        order,
-        sandboxes,
-        options,
-        reporters,
-        &endpoints,
-        token.as_ref(),
+        plan, order, sandboxes, options, reporters, endpoints, token, discovery,
     )
     .await;
     if let Some(workers) = local_workers {
@@ -193,14 +258,44 @@ pub async fn run(
     outcome
 }
 
+/// What every connection of the run needs: the binaries, the input tree, the token, the run's
+/// label and key.
+struct Shipment {
+    binaries: Vec<workers::Binary>,
+    tree: Option<Arc<Tree>>,
+    token: Option<Token>,
+    run_label: String,
+    key: protocol::RunKey,
+}
+
+impl Shipment {
+    async fn prepare(
+        &self,
+        endpoint: &workers::Endpoint,
+    ) -> Result<workers::Ready, workers::Unusable> {
+        workers::prepare(
+            &endpoint.addr,
+            &endpoint.label,
+            self.token.as_ref(),
+            &self.run_label,
+            Some(self.key),
+            &self.binaries,
+            self.tree.as_deref(),
+        )
+        .await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_on(
     plan: &Plan,
     order: Vec<usize>,
     sandboxes: &[Sandbox],
     options: &Options,
     reporters: &mut Reporters,
-    endpoints: &[(String, Option<String>)],
-    token: Option<&Token>,
+    endpoints: Vec<workers::Endpoint>,
+    token: Option<Token>,
+    discovery: Option<Vec<workers::Entry>>,
 ) -> Result<Outcome, Error> {
     // Only the binaries that have tests in the plan travel.
     let used: HashSet<usize> = plan.tests.iter().map(|t| t.binary).collect();
@@ -253,49 +348,52 @@ async fn run_on(
         }
         None => None,
     };
-
-    let connecting = endpoints.iter().map(|(addr, name)| {
-        let binaries = &binaries;
-        let run_label = run_label.clone();
-        let tree = tree.clone();
-        async move {
-            let result = workers::prepare(
-                addr,
-                name.clone(),
-                token,
-                &run_label,
-                binaries,
-                tree.as_deref(),
-            )
-            .await;
-            (addr.clone(), result)
-        }
+    let key = protocol::RunKey::random()
+        .map_err(|e| Error::Workers(format!("cannot make the run's key: {e}")))?;
+    let shipment = Arc::new(Shipment {
+        binaries,
+        tree: tree.clone(),
+        token,
+        run_label,
+        key,
     });
+
+    let connecting = endpoints.iter().map(|endpoint| {
+        let shipment = &shipment;
+        async move { shipment.prepare(endpoint).await }
+    });
+    let results = futures::future::join_all(connecting).await;
     let mut ready = Vec::new();
+    let mut retry = Vec::new();
     let mut unreachable = Vec::new();
-    for (addr, result) in futures::future::join_all(connecting).await {
+    for (endpoint, result) in endpoints.iter().zip(results) {
+        let addr = &endpoint.label;
         match result {
-            Ok(r) => ready.push(r),
+            Ok(r) => ready.push((endpoint.clone(), r)),
             Err(workers::Unusable::Unreachable(message)) => {
                 warn(&format!(
-                    "worker {addr} is unreachable, going on without it: {message}"
+                    "worker {addr} is unreachable, going on without it for now (it is tried again during the run): {}",
+                    escape(&message)
                 ));
-                unreachable.push(addr);
+                unreachable.push(addr.clone());
+                retry.push(endpoint.clone());
             }
             Err(workers::Unusable::Failed(message)) => {
                 warn(&format!(
-                    "cannot use worker {addr}, going on without it: {message}"
+                    "cannot use worker {addr}, going on without it: {}",
+                    escape(&message)
                 ));
-                unreachable.push(addr);
+                unreachable.push(addr.clone());
             }
         }
     }
 
     let mut notes = Vec::new();
-    if ready.is_empty() {
+    let may_come = !retry.is_empty() || discovery.is_some();
+    if ready.is_empty() && (!may_come || options.wait.is_zero()) {
         let names = endpoints
             .iter()
-            .map(|(a, _)| a.as_str())
+            .map(|e| e.label.as_str())
             .collect::<Vec<_>>()
             .join(", ");
         if options.require {
@@ -319,16 +417,16 @@ async fn run_on(
         });
     }
 
-    let shipped_to = ready.iter().filter(|r| r.shipped > 0).count();
-    let shipped: u64 = ready.iter().map(|r| r.shipped).sum();
+    let shipped_to = ready.iter().filter(|(_, r)| r.shipped > 0).count();
+    let shipped: u64 = ready.iter().map(|(_, r)| r.shipped).sum();
     let mut line = format!(
         "dtf: {} worker{}; {} shipped to {shipped_to} of {} ({shipped} bytes{}), already cached on {}",
         ready.len(),
         if ready.len() == 1 { "" } else { "s" },
-        if binaries.len() == 1 {
+        if shipment.binaries.len() == 1 {
             "binary".to_owned()
         } else {
-            format!("{} binaries", binaries.len())
+            format!("{} binaries", shipment.binaries.len())
         },
         ready.len(),
         if shipped >= 1024 {
@@ -342,24 +440,25 @@ async fn run_on(
         line.push_str(&format!("; left out: {}", unreachable.join(", ")));
     }
     notes.push(line);
+    let ready_only: Vec<&workers::Ready> = ready.iter().map(|(_, r)| r).collect();
     if let Some(tree) = &tree {
-        notes.push(inputs_line(tree, &ready));
-        if let Some(note) = unmapped_note(&ready, options) {
+        notes.push(inputs_line(tree, &ready_only));
+        if let Some(note) = unmapped_note(&ready_only, options) {
             notice(&note);
             notes.push(format!("dtf: {note}"));
         }
     }
 
     let mut dispatcher = Dispatcher::new(
-        plan,
-        order,
-        sandboxes,
-        options,
-        digests,
-        ready,
-        tree.clone(),
+        plan, order, sandboxes, options, digests, shipment, ready, retry,
     );
+    if let Some(entries) = discovery {
+        dispatcher.discover(entries);
+    }
     let ending = dispatcher.run(reporters).await;
+    if let Some(fatal) = dispatcher.fatal.take() {
+        return Err(Error::Workers(fatal));
+    }
     if let Some(tree) = &tree {
         if let Some(line) = dispatcher.fetch_outputs(tree).await {
             notes.push(line);
@@ -375,7 +474,7 @@ async fn run_on(
 
 /// `dtf: inputs: 3 files shipped to 1 of 2 (120 bytes), already cached on 1; 40 files (1.2 MiB)
 /// in the tree`.
-fn inputs_line(tree: &Tree, ready: &[workers::Ready]) -> String {
+fn inputs_line(tree: &Tree, ready: &[&workers::Ready]) -> String {
     let shipped_to = ready.iter().filter(|r| r.input_bytes > 0).count();
     let files: u64 = ready.iter().map(|r| r.input_files).sum();
     let bytes: u64 = ready.iter().map(|r| r.input_bytes).sum();
@@ -397,7 +496,7 @@ fn inputs_line(tree: &Tree, ready: &[workers::Ready]) -> String {
 
 /// One note for the workers that cannot map paths: which compiled-in paths will not resolve
 /// there.
-fn unmapped_note(ready: &[workers::Ready], options: &Options) -> Option<String> {
+fn unmapped_note(ready: &[&workers::Ready], options: &Options) -> Option<String> {
     let refusing: Vec<String> = ready
         .iter()
         .filter_map(|r| {
@@ -480,28 +579,96 @@ enum Target {
 
 /// What the tasks tell the dispatch loop.
 enum Event {
-    /// A run request ended.
+    /// A run request ended: the attempt, or the worker declined it, or the call failed.
     Done {
         target: Target,
         id: u64,
-        result: Result<Attempt, RpcError>,
+        result: Result<Result<Attempt, protocol::Declined>, RpcError>,
     },
-    /// A ping ended.
-    Ping { worker: usize, ok: bool },
+    /// A ping of connection `generation` of a worker ended.
+    Ping {
+        worker: usize,
+        generation: u64,
+        beat: Option<protocol::Beat>,
+    },
+    /// A connection attempt ended.
+    Connected {
+        worker: usize,
+        result: Result<workers::Ready, workers::Unusable>,
+    },
+    /// A look-up of the `dns:` and `file:` entries ended (`partial`: some of it failed).
+    Discovered {
+        endpoints: Vec<workers::Endpoint>,
+        partial: bool,
+    },
 }
 
+/// A worker the run knows, connected or not.
 struct Remote {
+    endpoint: workers::Endpoint,
     label: String,
-    client: WorkerClient,
+    /// The connection, while there is one.
+    client: Option<WorkerClient>,
+    /// Counts connections, so a heartbeat of an old one is ignored.
+    generation: u64,
     slots: usize,
     /// Whether it maps this machine's paths (else tests see copies elsewhere).
     maps_paths: bool,
-    alive: bool,
+    /// It said it is draining: it is sent nothing more.
+    draining: bool,
+    /// It is in the set of workers `DTF_WORKERS` names (false: it vanished from a look-up).
+    wanted: bool,
+    /// A connection attempt is under way.
+    connecting: bool,
+    /// Failed connection attempts in a row.
+    failures: u32,
+    /// When to try connecting again.
+    next_try: Instant,
+    /// Why it is not tried again (it refused what the run needs).
+    given_up: Option<String>,
+    /// It was warned about in the current run of failures.
+    warned: bool,
     missed: u32,
     ping: Option<AbortHandle>,
     ran: usize,
     shipped: u64,
     setup: Duration,
+    connections: usize,
+}
+
+impl Remote {
+    fn new(endpoint: workers::Endpoint) -> Remote {
+        Remote {
+            label: endpoint.label.clone(),
+            endpoint,
+            client: None,
+            generation: 0,
+            slots: 1,
+            maps_paths: true,
+            draining: false,
+            wanted: true,
+            connecting: false,
+            failures: 0,
+            next_try: Instant::now(),
+            given_up: None,
+            warned: false,
+            missed: 0,
+            ping: None,
+            ran: 0,
+            shipped: 0,
+            setup: Duration::ZERO,
+            connections: 0,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Connected and taking tests.
+    fn usable(&self) -> bool {
+        self.client.is_some() && !self.draining && self.wanted
+    }
 }
 
 struct InFlight {
@@ -515,6 +682,7 @@ struct Dispatcher<'a> {
     sandboxes: &'a [Sandbox],
     options: &'a Options,
     digests: Vec<protocol::Digest>,
+    shipment: Arc<Shipment>,
     /// The input tree of binary 0 (the binary running the run), when it travels.
     tree: Option<Arc<Tree>>,
     scheduler: Scheduler,
@@ -528,46 +696,40 @@ struct Dispatcher<'a> {
     local_mode: bool,
     ran_locally: usize,
     lost: Vec<(String, String)>,
+    /// Since when no worker takes tests (while the run waits for one).
+    no_worker_since: Option<Instant>,
+    /// Why the run failed (no worker came back and `DTF_REQUIRE_WORKERS=1`).
+    fatal: Option<String>,
+    discovery: Option<AbortHandle>,
     reports: Vec<TestReport>,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
 }
 
 impl<'a> Dispatcher<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         plan: &'a Plan,
         order: Vec<usize>,
         sandboxes: &'a [Sandbox],
         options: &'a Options,
         digests: Vec<protocol::Digest>,
-        ready: Vec<workers::Ready>,
-        tree: Option<Arc<Tree>>,
+        shipment: Arc<Shipment>,
+        ready: Vec<(workers::Endpoint, workers::Ready)>,
+        retry: Vec<workers::Endpoint>,
     ) -> Dispatcher<'a> {
         let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        let remotes = ready
-            .into_iter()
-            .map(|r| Remote {
-                label: r.label,
-                client: r.client,
-                slots: r.slots,
-                maps_paths: r.path_mapping.is_none(),
-                alive: true,
-                missed: 0,
-                ping: None,
-                ran: 0,
-                shipped: r.shipped,
-                setup: r.setup,
-            })
-            .collect();
-        Dispatcher {
+        let tree = shipment.tree.clone();
+        let mut dispatcher = Dispatcher {
             plan,
             sandboxes,
             options,
             digests,
+            shipment,
             tree,
             scheduler: Scheduler::with_limits(order, &retries, plan.limits()),
-            remotes,
+            remotes: Vec::new(),
             in_flight: HashMap::new(),
             next_id: 1,
             started: HashSet::new(),
@@ -576,26 +738,117 @@ impl<'a> Dispatcher<'a> {
             local_mode: false,
             ran_locally: 0,
             lost: Vec::new(),
+            no_worker_since: None,
+            fatal: None,
+            discovery: None,
             reports: Vec::new(),
             tx,
             rx,
+        };
+        for (endpoint, ready) in ready {
+            dispatcher.remotes.push(Remote::new(endpoint));
+            let i = dispatcher.remotes.len() - 1;
+            dispatcher.attach(i, ready, false);
+        }
+        for endpoint in retry {
+            let mut remote = Remote::new(endpoint);
+            remote.warned = true; // warned about at the start
+            remote.failures = 1;
+            remote.next_try = Instant::now() + backoff(0, dispatcher.jitter(0));
+            dispatcher.remotes.push(remote);
+        }
+        dispatcher
+    }
+
+    /// Looks up `entries` again every `refresh`, for the length of the run.
+    fn discover(&mut self, entries: Vec<workers::Entry>) {
+        let tx = self.tx.clone();
+        let every = self.options.refresh;
+        let handle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first look-up was the run's start
+            let mut last_problems: Vec<String> = Vec::new();
+            loop {
+                tick.tick().await;
+                let (endpoints, problems) =
+                    workers::resolve(&entries, workers::CONNECT_LIMIT).await;
+                if problems != last_problems {
+                    for problem in &problems {
+                        warn(&escape(problem));
+                    }
+                }
+                let partial = !problems.is_empty();
+                last_problems = problems;
+                if tx.send(Event::Discovered { endpoints, partial }).is_err() {
+                    return;
+                }
+            }
+        });
+        self.discovery = Some(handle.abort_handle());
+    }
+
+    /// A number in `0..1` for the back-off of worker `i`, different for each run and worker.
+    fn jitter(&self, i: usize) -> f64 {
+        let k = self.shipment.key.0;
+        let seed = u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]])
+            ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ u64::from(self.remotes.get(i).map_or(0, |r| r.failures))
+                .wrapping_mul(0xd6e8_feb8_6659_fd93);
+        let mixed = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
+        mixed as f64 / (1u64 << 53) as f64
+    }
+
+    /// Starts using the connection `ready` to worker `i`.
+    fn attach(&mut self, i: usize, ready: workers::Ready, announce: bool) {
+        let generation = {
+            let remote = &mut self.remotes[i];
+            remote.generation += 1;
+            remote.connections += 1;
+            remote.slots = ready.slots;
+            remote.maps_paths = ready.path_mapping.is_none();
+            remote.shipped += ready.shipped;
+            remote.setup += ready.setup;
+            remote.draining = false;
+            remote.failures = 0;
+            remote.warned = false;
+            remote.missed = 0;
+            remote.client = Some(ready.client.clone());
+            remote.generation
+        };
+        if announce {
+            let remote = &self.remotes[i];
+            if remote.connections > 1 {
+                notice(&format!("worker {} is back; using it again", remote.label));
+            } else {
+                notice(&format!("worker {} joined the run", remote.label));
+            }
+        }
+        let handle = tokio::spawn(heartbeat(i, generation, ready.client, self.tx.clone()));
+        self.remotes[i].ping = Some(handle.abort_handle());
+        self.no_worker_since = None;
+    }
+
+    /// Ends the connection to worker `i` (which has nothing in flight), without retrying it.
+    fn detach(&mut self, i: usize) {
+        let remote = &mut self.remotes[i];
+        remote.client = None;
+        if let Some(ping) = remote.ping.take() {
+            ping.abort();
         }
     }
 
     async fn run(&mut self, reporters: &mut Reporters) -> Ending {
-        for i in 0..self.remotes.len() {
-            let handle = tokio::spawn(heartbeat(
-                i,
-                self.remotes[i].client.clone(),
-                self.tx.clone(),
-            ));
-            self.remotes[i].ping = Some(handle.abort_handle());
-        }
         let mut ticker = tokio::time::interval(Duration::from_millis(250));
         let mut signals = Signals::new();
         let mut ending = Ending::Completed;
         loop {
+            self.no_worker_left(reporters);
+            if self.fatal.is_some() {
+                break;
+            }
             self.fill(reporters);
+            self.retire();
             if self.scheduler.is_done() && self.in_flight.is_empty() {
                 break;
             }
@@ -605,7 +858,10 @@ impl<'a> Dispatcher<'a> {
                     let Some(event) = event else { break };
                     self.handle(event, reporters);
                 }
-                _ = ticker.tick() => self.slow_notices(reporters),
+                _ = ticker.tick() => {
+                    self.slow_notices(reporters);
+                    self.reconnect();
+                }
                 signal = signals.recv() => {
                     ending = Ending::Interrupted(signal);
                     self.stop(reporters);
@@ -618,7 +874,116 @@ impl<'a> Dispatcher<'a> {
                 ping.abort();
             }
         }
+        if let Some(discovery) = self.discovery.take() {
+            discovery.abort();
+        }
         ending
+    }
+
+    /// Starts a connection attempt to each worker that is due one.
+    fn reconnect(&mut self) {
+        if self.scheduler.is_done() {
+            return;
+        }
+        let now = Instant::now();
+        for i in 0..self.remotes.len() {
+            let remote = &mut self.remotes[i];
+            if remote.alive()
+                || remote.connecting
+                || !remote.wanted
+                || remote.given_up.is_some()
+                || now < remote.next_try
+            {
+                continue;
+            }
+            remote.connecting = true;
+            let endpoint = remote.endpoint.clone();
+            let shipment = self.shipment.clone();
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let result = shipment.prepare(&endpoint).await;
+                let _ = tx.send(Event::Connected { worker: i, result });
+            });
+        }
+    }
+
+    /// Workers that vanished from the discovered set leave once their tests are done.
+    fn retire(&mut self) {
+        for i in 0..self.remotes.len() {
+            if self.remotes[i].alive()
+                && !self.remotes[i].wanted
+                && self.load(Target::Remote(i)) == 0
+            {
+                notice(&format!(
+                    "worker {} is no longer listed; it leaves the run",
+                    self.remotes[i].label
+                ));
+                self.detach(i);
+            }
+        }
+    }
+
+    /// With no worker taking tests, waits up to `DTF_WORKER_WAIT` for one; then runs the rest
+    /// here, or with `DTF_REQUIRE_WORKERS=1` fails the run.
+    fn no_worker_left(&mut self, reporters: &mut Reporters) {
+        if self.local_mode || self.scheduler.is_done() {
+            self.no_worker_since = None;
+            return;
+        }
+        if self.remotes.iter().any(Remote::usable) {
+            self.no_worker_since = None;
+            return;
+        }
+        let may_return = self.discovery.is_some()
+            || self
+                .remotes
+                .iter()
+                .any(|r| r.given_up.is_none() && r.wanted);
+        let wait = if may_return {
+            self.options.wait
+        } else {
+            Duration::ZERO
+        };
+        let since = match self.no_worker_since {
+            Some(since) => since,
+            None => {
+                if !wait.is_zero() {
+                    notice(&format!(
+                        "no worker is taking tests; waiting up to {} ({WAIT_VAR}) for one to come back",
+                        crate::outcome::format_duration(wait)
+                    ));
+                }
+                *self.no_worker_since.insert(Instant::now())
+            }
+        };
+        if since.elapsed() < wait {
+            return;
+        }
+        let names = self
+            .remotes
+            .iter()
+            .map(|r| r.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let within = if wait.is_zero() {
+            String::new()
+        } else {
+            format!(
+                " and none came back within {} ({WAIT_VAR})",
+                crate::outcome::format_duration(wait)
+            )
+        };
+        if self.options.require {
+            self.fatal = Some(format!(
+                "every worker is lost ({names}){within}, and {REQUIRE_VAR}=1 forbids running the tests locally"
+            ));
+            self.stop(reporters);
+            return;
+        }
+        self.local_mode = true;
+        notice(&format!(
+            "every worker is lost{within}; running the remaining tests locally"
+        ));
     }
 
     /// Starts attempts while some target has room.
@@ -656,7 +1021,7 @@ impl<'a> Dispatcher<'a> {
     fn capacity(&self, target: Target) -> usize {
         match target {
             Target::Remote(i) => {
-                if self.remotes[i].alive {
+                if self.remotes[i].usable() {
                     self.remotes[i].slots + LOOKAHEAD
                 } else {
                     0
@@ -716,7 +1081,11 @@ impl<'a> Dispatcher<'a> {
         let tx = self.tx.clone();
         let handle = match target {
             Target::Remote(i) => {
-                let client = self.remotes[i].client.clone();
+                let Some(client) = self.remotes[i].client.clone() else {
+                    // Not reached: a target without a connection has no capacity.
+                    self.scheduler.declined(job);
+                    return;
+                };
                 let request = RunRequest {
                     digest: self.digests[test.binary],
                     inputs: self
@@ -729,8 +1098,10 @@ impl<'a> Dispatcher<'a> {
                 let ctx = run_context(test.spec.timeout);
                 tokio::spawn(async move {
                     let result = client.run(ctx, request).await.map(|r| {
-                        let worker = r.worker.clone();
-                        r.into_attempt(worker)
+                        r.map(|r| {
+                            let worker = r.worker.clone();
+                            r.into_attempt(worker)
+                        })
                     });
                     let _ = tx.send(Event::Done { target, id, result });
                 })
@@ -743,7 +1114,7 @@ impl<'a> Dispatcher<'a> {
                     let _ = tx.send(Event::Done {
                         target,
                         id,
-                        result: Ok(attempt),
+                        result: Ok(Ok(attempt)),
                     });
                 })
             }
@@ -758,22 +1129,104 @@ impl<'a> Dispatcher<'a> {
         );
     }
 
+    /// Worker `i` said it is draining: it is sent nothing more.
+    fn draining(&mut self, i: usize) {
+        let remote = &mut self.remotes[i];
+        if remote.draining {
+            return;
+        }
+        remote.draining = true;
+        let running = self
+            .in_flight
+            .values()
+            .filter(|f| f.target == Target::Remote(i))
+            .count();
+        notice(&format!(
+            "worker {} is draining: it is sent nothing more; its running tests finish there ({running} in flight; what was queued there comes back)",
+            remote.label
+        ));
+    }
+
     fn handle(&mut self, event: Event, reporters: &mut Reporters) {
         match event {
-            Event::Ping { worker, ok } => {
+            Event::Ping {
+                worker,
+                generation,
+                beat,
+            } => {
                 let remote = &mut self.remotes[worker];
-                if !remote.alive {
+                if !remote.alive() || remote.generation != generation {
                     return;
                 }
-                if ok {
-                    remote.missed = 0;
-                } else {
-                    remote.missed += 1;
-                    if remote.missed >= PING_MISSES {
-                        let reason = format!(
-                            "it missed {PING_MISSES} heartbeats in a row ({PING_LIMIT:?} deadline each)"
-                        );
-                        self.lose(worker, reason, reporters);
+                match beat {
+                    Some(beat) => {
+                        remote.missed = 0;
+                        if beat.draining {
+                            self.draining(worker);
+                        }
+                    }
+                    None => {
+                        remote.missed += 1;
+                        if remote.missed >= PING_MISSES {
+                            let reason = format!(
+                                "it missed {PING_MISSES} heartbeats in a row ({PING_LIMIT:?} deadline each)"
+                            );
+                            self.lose(worker, reason, reporters);
+                        }
+                    }
+                }
+            }
+            Event::Connected { worker, result } => {
+                let remote = &mut self.remotes[worker];
+                remote.connecting = false;
+                match result {
+                    Ok(ready) if remote.wanted && !self.scheduler.is_done() => {
+                        self.attach(worker, ready, true);
+                    }
+                    Ok(_) => {}
+                    Err(workers::Unusable::Unreachable(message)) => {
+                        let delay = backoff(remote.failures, self.jitter(worker));
+                        let remote = &mut self.remotes[worker];
+                        remote.failures += 1;
+                        remote.next_try = Instant::now() + delay;
+                        if !remote.warned {
+                            remote.warned = true;
+                            warn(&format!(
+                                "worker {} is unreachable; trying again in the background: {}",
+                                remote.label,
+                                escape(&message)
+                            ));
+                        }
+                    }
+                    Err(workers::Unusable::Failed(message)) => {
+                        warn(&format!(
+                            "cannot use worker {}, going on without it: {}",
+                            remote.label,
+                            escape(&message)
+                        ));
+                        remote.given_up = Some(message);
+                    }
+                }
+            }
+            Event::Discovered { endpoints, partial } => {
+                let known: Vec<(String, bool)> = self
+                    .remotes
+                    .iter()
+                    .map(|r| (r.endpoint.key.clone(), r.wanted))
+                    .collect();
+                let changes = workers::changes(&known, &endpoints, partial);
+                for endpoint in changes.joined {
+                    self.remotes.push(Remote::new(endpoint));
+                }
+                for key in changes.returned {
+                    if let Some(r) = self.remotes.iter_mut().find(|r| r.endpoint.key == key) {
+                        r.wanted = true;
+                        r.next_try = Instant::now();
+                    }
+                }
+                for key in changes.left {
+                    if let Some(r) = self.remotes.iter_mut().find(|r| r.endpoint.key == key) {
+                        r.wanted = false;
                     }
                 }
             }
@@ -784,7 +1237,15 @@ impl<'a> Dispatcher<'a> {
                 };
                 let job = flight.job;
                 let mut attempt = match result {
-                    Ok(attempt) => attempt,
+                    Ok(Ok(attempt)) => attempt,
+                    Ok(Err(protocol::Declined::Draining)) => {
+                        if let Target::Remote(i) = target {
+                            self.draining(i);
+                        }
+                        self.running_since.remove(&job.test);
+                        self.scheduler.declined(job);
+                        return;
+                    }
                     Err(e) => {
                         // Only remote requests fail with an RPC error.
                         let Target::Remote(i) = target else { return };
@@ -855,16 +1316,18 @@ impl<'a> Dispatcher<'a> {
         }
     }
 
-    /// Declares worker `i` lost: its requests in flight are cancelled and requeued.
+    /// Declares worker `i` lost: its requests in flight are cancelled and requeued, and it is
+    /// tried again after a back-off.
     fn lose(&mut self, i: usize, reason: String, reporters: &mut Reporters) {
-        let remote = &mut self.remotes[i];
-        if !remote.alive {
+        if !self.remotes[i].alive() {
             return;
         }
-        remote.alive = false;
-        if let Some(ping) = remote.ping.take() {
-            ping.abort();
-        }
+        self.detach(i);
+        let jitter = self.jitter(i);
+        let remote = &mut self.remotes[i];
+        remote.failures = 0;
+        remote.next_try = Instant::now() + backoff(0, jitter);
+        let drained = remote.draining;
         let label = remote.label.clone();
         let ids: Vec<u64> = self
             .in_flight
@@ -872,11 +1335,18 @@ impl<'a> Dispatcher<'a> {
             .filter(|(_, f)| f.target == Target::Remote(i))
             .map(|(&id, _)| id)
             .collect();
+        if drained && ids.is_empty() {
+            notice(&format!(
+                "worker {label} finished draining and closed the connection; it is tried again in the background"
+            ));
+            return;
+        }
         warn(&format!(
-            "lost worker {label}: {reason}; requeueing its {} test{} in flight",
+            "lost worker {label}: {reason}; requeueing its {} test{} in flight; it is tried again in the background",
             ids.len(),
             if ids.len() == 1 { "" } else { "s" }
         ));
+        self.remotes[i].warned = true;
         for id in ids {
             let Some(flight) = self.in_flight.remove(&id) else {
                 continue;
@@ -888,12 +1358,6 @@ impl<'a> Dispatcher<'a> {
             }
         }
         self.lost.push((label, reason));
-        if !self.remotes.iter().any(|r| r.alive) && !self.local_mode {
-            self.local_mode = true;
-            if !self.scheduler.is_done() {
-                notice("every worker is lost; running the remaining tests locally");
-            }
-        }
     }
 
     fn report(&mut self, report: TestReport, reporters: &mut Reporters) {
@@ -947,9 +1411,11 @@ impl<'a> Dispatcher<'a> {
         let mut fetched: HashMap<protocol::Digest, PathBuf> = HashMap::new();
         let (mut files, mut bytes, mut listed) = (0u64, 0u64, 0u64);
         let mut budget: u64 = inputs::DEFAULT_MAX;
-        for remote in self.remotes.iter().filter(|r| r.alive) {
-            let Ok(list) = remote
-                .client
+        for remote in self.remotes.iter() {
+            let Some(client) = &remote.client else {
+                continue;
+            };
+            let Ok(list) = client
                 .outputs(protocol::context_within(OUTPUTS_LIMIT), tree.digest)
                 .await
             else {
@@ -985,7 +1451,7 @@ impl<'a> Dispatcher<'a> {
                         .map(|_| ())
                         .map_err(|e| e.to_string()),
                     None => {
-                        let data = download(&remote.client, &file).await;
+                        let data = download(client, &file).await;
                         match data {
                             Ok(data) => {
                                 bytes += data.len() as u64;
@@ -1028,6 +1494,7 @@ impl<'a> Dispatcher<'a> {
         let per_worker: Vec<String> = self
             .remotes
             .iter()
+            .filter(|r| r.connections > 0)
             .map(|r| {
                 let shipped = if r.shipped > 0 {
                     format!(
@@ -1038,10 +1505,16 @@ impl<'a> Dispatcher<'a> {
                 } else {
                     String::new()
                 };
-                format!("{} ran {}{shipped}", r.label, r.ran)
+                let again = match r.connections {
+                    0 | 1 => String::new(),
+                    n => format!(" (connected {n} times)"),
+                };
+                format!("{} ran {}{shipped}{again}", r.label, r.ran)
             })
             .collect();
-        notes.push(format!("dtf: {}", per_worker.join("; ")));
+        if !per_worker.is_empty() {
+            notes.push(format!("dtf: {}", per_worker.join("; ")));
+        }
         for (label, reason) in &self.lost {
             notes.push(format!(
                 "dtf: lost worker {label} during the run ({reason}); its tests were rerun"
@@ -1199,7 +1672,12 @@ fn missing_path_notes(
 /// Pings a worker every [`PING_EVERY`], each with a [`PING_LIMIT`] deadline, reporting each
 /// result. Pings overlap, so a hung worker is noticed [`PING_LIMIT`] after its first missed
 /// ping and declared lost about a second later.
-async fn heartbeat(worker: usize, client: WorkerClient, tx: mpsc::UnboundedSender<Event>) {
+async fn heartbeat(
+    worker: usize,
+    generation: u64,
+    client: WorkerClient,
+    tx: mpsc::UnboundedSender<Event>,
+) {
     let mut tick = tokio::time::interval(PING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending = FuturesUnordered::new();
@@ -1208,14 +1686,14 @@ async fn heartbeat(worker: usize, client: WorkerClient, tx: mpsc::UnboundedSende
             _ = tick.tick() => {
                 let client = client.clone();
                 pending.push(async move {
-                    matches!(
-                        tokio::time::timeout(PING_LIMIT, client.ping(protocol::context_within(PING_LIMIT))).await,
-                        Ok(Ok(_))
-                    )
+                    match tokio::time::timeout(PING_LIMIT, client.ping(protocol::context_within(PING_LIMIT))).await {
+                        Ok(Ok(beat)) => Some(beat),
+                        _ => None,
+                    }
                 });
             }
-            Some(ok) = pending.next(), if !pending.is_empty() => {
-                if tx.send(Event::Ping { worker, ok }).is_err() {
+            Some(beat) = pending.next(), if !pending.is_empty() => {
+                if tx.send(Event::Ping { worker, generation, beat }).is_err() {
                     return;
                 }
             }
@@ -1284,6 +1762,19 @@ mod tests {
             remote_spec(&spec).env,
             vec![("PATH".to_owned(), "/bin".to_owned())]
         );
+    }
+
+    #[test]
+    fn retries_back_off_doubling_to_a_cap_with_bounded_jitter() {
+        let ms = |failures, jitter| backoff(failures, jitter).as_millis();
+        // Without jitter's spread (0.5 scales by 1): 250 ms, doubling, capped at 5 s.
+        let schedule: Vec<u128> = (0..8).map(|f| ms(f, 0.5)).collect();
+        assert_eq!(schedule, [250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        // Jitter scales each wait by 0.75 to 1.25, never more.
+        assert_eq!(ms(0, 0.0), 187);
+        assert_eq!(ms(2, 1.0), 1250);
+        assert_eq!(ms(40, 1.0), 6250);
+        assert_eq!(ms(u32::MAX, 7.0), 6250);
     }
 
     #[test]

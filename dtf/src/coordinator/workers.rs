@@ -1,6 +1,7 @@
 //! Which workers a run uses (`DTF_WORKERS` / `--workers`), connecting to them in parallel and
 //! shipping the test binary to those that lack it.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use futures::StreamExt;
 
 use crate::inputs::Tree;
 use crate::protocol::{
-    self, CHUNK_SIZE, Chunk, Connection, Digest, Hello, Token, UploadProgress, WorkerClient,
+    self, CHUNK_SIZE, Chunk, Connection, Digest, Hello, RunKey, Token, UploadProgress, WorkerClient,
 };
 
 /// Digests asked about per `missing` call.
@@ -29,17 +30,109 @@ const CHUNK_LIMIT: Duration = Duration::from_secs(30);
 /// Where the tests run, as `DTF_WORKERS` says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WorkersSpec {
-    /// `host:port,host:port,...`
-    Remote(Vec<String>),
+    /// `host:port,dns:NAME:PORT,file:PATH,...`
+    Remote(Vec<Entry>),
     /// `local:N`: N `dtf-worker` processes on loopback, for the length of the run.
     Local(usize),
+}
+
+/// One entry of `DTF_WORKERS`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Entry {
+    /// `host:port`: one worker.
+    Addr(String),
+    /// `dns:NAME:PORT`: a worker at every A and AAAA record of NAME (a Kubernetes headless
+    /// Service), looked up again during the run.
+    Dns {
+        /// The name.
+        name: String,
+        /// The port.
+        port: u16,
+    },
+    /// `file:PATH`: the addresses the file lists (`host:port` or `dns:NAME:PORT`, separated
+    /// by commas, spaces or lines; `#` starts a comment), read again during the run.
+    File(PathBuf),
+}
+
+impl Entry {
+    /// True when the entry can change during the run (`dns:` and `file:`).
+    pub fn is_dynamic(&self) -> bool {
+        !matches!(self, Entry::Addr(_))
+    }
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Addr(a) => f.write_str(a),
+            Entry::Dns { name, port } => write!(f, "dns:{name}:{port}"),
+            Entry::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
 }
 
 /// The most workers `local:N` starts.
 pub const MAX_LOCAL: usize = 64;
 
+/// How often `dns:` and `file:` entries are looked up again, unless `DTF_WORKERS_REFRESH` says.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
+
+/// `host:port` with a port from 1 to 65535 and a host without spaces (IPv6 in brackets).
+fn host_port_ok(entry: &str) -> bool {
+    let Some((host, port)) = entry.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = !host.is_empty()
+        && !host.contains(char::is_whitespace)
+        && (host.starts_with('[') == host.ends_with(']'))
+        && (host.starts_with('[') || !host.contains(':'));
+    host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
+/// Parses one entry (`host:port`, `dns:NAME:PORT`, or with `allow_file`, `file:PATH`).
+fn parse_entry(entry: &str, source: &str, allow_file: bool) -> Result<Entry, String> {
+    let bad = |what: &str| {
+        format!(
+            "invalid worker address `{entry}` in {source}: {what} (such as 10.0.0.5:7878, [::1]:7878, \
+             dns:workers.ci.svc:7878, file:/etc/dtf/workers, or local:N)"
+        )
+    };
+    if let Some(rest) = entry.strip_prefix("dns:") {
+        let (name, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected dns:NAME:PORT"))?;
+        let name_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+        let port = port.parse::<u16>().ok().filter(|&p| p != 0);
+        return match (name_ok, port) {
+            (true, Some(port)) => Ok(Entry::Dns {
+                name: name.to_owned(),
+                port,
+            }),
+            _ => Err(bad("expected dns:NAME:PORT")),
+        };
+    }
+    if let Some(path) = entry.strip_prefix("file:") {
+        if !allow_file {
+            return Err(bad("a file of addresses cannot name another file"));
+        }
+        if path.is_empty() {
+            return Err(bad("expected file:PATH"));
+        }
+        return Ok(Entry::File(PathBuf::from(path)));
+    }
+    if host_port_ok(entry) {
+        Ok(Entry::Addr(entry.to_owned()))
+    } else {
+        Err(bad("expected host:port"))
+    }
+}
+
 impl WorkersSpec {
-    /// Parses `host:port,host:port` or `local:N`. `source` names the flag or variable.
+    /// Parses `host:port,dns:NAME:PORT,file:PATH,...` or `local:N`. `source` names the flag
+    /// or variable. Repeated entries count once.
     pub fn parse(value: &str, source: &str) -> Result<WorkersSpec, String> {
         let value = value.trim();
         if let Some(n) = value.strip_prefix("local:") {
@@ -50,32 +143,165 @@ impl WorkersSpec {
                 )),
             };
         }
-        let mut addrs = Vec::new();
+        let mut entries = Vec::new();
         for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let bad = || {
-                format!(
-                    "invalid worker address `{entry}` in {source}: expected host:port (such as 10.0.0.5:7878 or [::1]:7878), or local:N"
-                )
-            };
-            let (host, port) = entry.rsplit_once(':').ok_or_else(bad)?;
-            let host_ok = !host.is_empty()
-                && !host.contains(char::is_whitespace)
-                && (host.starts_with('[') == host.ends_with(']'))
-                && (host.starts_with('[') || !host.contains(':'));
-            if !host_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
-                return Err(bad());
-            }
-            if !addrs.iter().any(|a| a == entry) {
-                addrs.push(entry.to_owned());
+            let entry = parse_entry(entry, source, true)?;
+            if !entries.contains(&entry) {
+                entries.push(entry);
             }
         }
-        if addrs.is_empty() {
+        if entries.is_empty() {
             return Err(format!(
-                "invalid {source}=`{value}`: expected host:port,host:port or local:N"
+                "invalid {source}=`{value}`: expected host:port,host:port (or dns:NAME:PORT, file:PATH, local:N)"
             ));
         }
-        Ok(WorkersSpec::Remote(addrs))
+        Ok(WorkersSpec::Remote(entries))
     }
+}
+
+/// The entries a `file:` entry's text lists, and a message for each it could not read.
+pub fn parse_file(text: &str, path: &Path) -> (Vec<Entry>, Vec<String>) {
+    let source = format!("the worker file {}", path.display());
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        for word in line
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|w| !w.is_empty())
+        {
+            match parse_entry(word, &source, false) {
+                Ok(entry) if !entries.contains(&entry) => entries.push(entry),
+                Ok(_) => {}
+                Err(e) => problems.push(e),
+            }
+        }
+    }
+    (entries, problems)
+}
+
+/// A worker address the run knows, after looking names up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// What identifies it, to merge duplicates: the socket address it resolves to (else the
+    /// address as given).
+    pub key: String,
+    /// What to connect to.
+    pub addr: String,
+    /// How the run names it.
+    pub label: String,
+}
+
+/// The endpoints of `found` in order, each key once (the first label wins).
+pub fn merge(found: impl IntoIterator<Item = Endpoint>) -> Vec<Endpoint> {
+    let mut seen = std::collections::HashSet::new();
+    found
+        .into_iter()
+        .filter(|e| seen.insert(e.key.clone()))
+        .collect()
+}
+
+/// How the set of workers changes after a look-up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Endpoints not known before.
+    pub joined: Vec<Endpoint>,
+    /// Keys of known endpoints that were gone and are back.
+    pub returned: Vec<String>,
+    /// Keys of endpoints no longer found: they take nothing new and leave when idle.
+    pub left: Vec<String>,
+}
+
+/// Compares what a look-up `found` with the `known` endpoints (`(key, wanted)`). A look-up
+/// that failed in part (`partial`) removes nothing: a DNS hiccup does not empty the fleet.
+pub fn changes(known: &[(String, bool)], found: &[Endpoint], partial: bool) -> Changes {
+    let mut out = Changes::default();
+    for endpoint in found {
+        match known.iter().find(|(k, _)| *k == endpoint.key) {
+            None => out.joined.push(endpoint.clone()),
+            Some((key, false)) => out.returned.push(key.clone()),
+            Some(_) => {}
+        }
+    }
+    if !partial {
+        for (key, wanted) in known {
+            if *wanted && !found.iter().any(|e| &e.key == key) {
+                out.left.push(key.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Looks up every entry: the endpoints (merged) and a message for each look-up that failed.
+/// A `host:port` whose name does not resolve stays in (connecting names the problem).
+pub async fn resolve(entries: &[Entry], limit: Duration) -> (Vec<Endpoint>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    let mut queue: Vec<Entry> = entries.to_vec();
+    let mut i = 0;
+    while i < queue.len() {
+        let entry = queue[i].clone();
+        i += 1;
+        match entry {
+            Entry::Addr(addr) => {
+                let key = lookup(&addr, limit)
+                    .await
+                    .ok()
+                    .and_then(|a| a.first().map(|a| a.to_string()))
+                    .unwrap_or_else(|| addr.clone());
+                found.push(Endpoint {
+                    key,
+                    label: addr.clone(),
+                    addr,
+                });
+            }
+            Entry::Dns { name, port } => match lookup(&format!("{name}:{port}"), limit).await {
+                Ok(addrs) if !addrs.is_empty() => {
+                    for a in addrs {
+                        found.push(Endpoint {
+                            key: a.to_string(),
+                            addr: a.to_string(),
+                            label: a.to_string(),
+                        });
+                    }
+                }
+                Ok(_) => problems.push(format!("dns:{name}:{port}: the name has no address")),
+                Err(e) => problems.push(format!("dns:{name}:{port}: cannot look the name up: {e}")),
+            },
+            Entry::File(path) => {
+                let read = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || std::fs::read_to_string(path)
+                })
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r);
+                match read {
+                    Ok(text) => {
+                        let (listed, bad) = parse_file(&text, &path);
+                        problems.extend(bad);
+                        queue.extend(listed);
+                    }
+                    Err(e) => {
+                        problems.push(format!("file:{}: cannot read it: {e}", path.display()))
+                    }
+                }
+            }
+        }
+    }
+    (merge(found), problems)
+}
+
+async fn lookup(addr: &str, limit: Duration) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    let mut addrs: Vec<std::net::SocketAddr> =
+        tokio::time::timeout(limit, tokio::net::lookup_host(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))??
+            .collect();
+    let mut seen = std::collections::HashSet::new();
+    addrs.retain(|a| seen.insert(*a));
+    Ok(addrs)
 }
 
 /// The test binary, read once, to ship to workers that lack it.
@@ -123,34 +349,47 @@ pub struct Ready {
 /// Why a worker is left out of a run.
 #[derive(Debug)]
 pub enum Unusable {
-    /// Connecting, authenticating or saying hello failed.
+    /// Connecting, authenticating, saying hello or a call failed, or the worker is draining:
+    /// the run tries again later.
     Unreachable(String),
-    /// Connected, but shipping the binary failed.
+    /// The worker refused what the run needs (a binary over its cache cap, an input tree it
+    /// cannot build): the run goes on without it.
     Failed(String),
 }
 
-/// Connects to `addr`, authenticates, and uploads the binaries the worker lacks.
+/// Connects to `addr`, authenticates, and uploads the binaries the worker lacks. `key` is the
+/// run's identity: a worker that still holds what this run shipped finds it again.
 pub async fn prepare(
     addr: &str,
-    label: Option<String>,
+    label: &str,
     token: Option<&Token>,
     run_label: &str,
+    key: Option<RunKey>,
     binaries: &[Binary],
     tree: Option<&Tree>,
 ) -> Result<Ready, Unusable> {
     let started = Instant::now();
     let hello = Hello {
         run: run_label.to_owned(),
+        key,
     };
     let Connection { client, info, .. } = protocol::connect(addr, token, hello, CONNECT_LIMIT)
         .await
         .map_err(|e| Unusable::Unreachable(e.to_string()))?;
+    if info.draining {
+        return Err(Unusable::Unreachable(
+            "it is draining (it takes no new tests)".to_owned(),
+        ));
+    }
+    let lost = |e: tarpc::client::RpcError| {
+        Unusable::Unreachable(format!("{addr}: the worker did not answer: {e}"))
+    };
     let mut digests: Vec<Digest> = binaries.iter().map(|b| b.digest).collect();
     digests.dedup();
     let missing = client
         .missing(protocol::context_within(CHUNK_LIMIT), digests)
         .await
-        .map_err(|e| Unusable::Failed(format!("{addr}: the worker did not answer: {e}")))?;
+        .map_err(lost)?;
     let mut shipped = 0;
     let mut sent = std::collections::HashSet::new();
     for binary in binaries {
@@ -162,18 +401,15 @@ pub async fn prepare(
                 &binary.bytes,
                 "the test binary",
             )
-            .await
-            .map_err(Unusable::Failed)?;
+            .await?;
         }
     }
     let (input_files, input_bytes) = match tree {
-        Some(tree) => ship_inputs(&client, addr, tree)
-            .await
-            .map_err(Unusable::Failed)?,
+        Some(tree) => ship_inputs(&client, addr, tree).await?,
         None => (0, 0),
     };
     Ok(Ready {
-        label: label.unwrap_or_else(|| addr.to_owned()),
+        label: label.to_owned(),
         client,
         slots: (info.slots as usize).max(1),
         shipped,
@@ -186,7 +422,11 @@ pub async fn prepare(
 
 /// Ships what the worker lacks of `tree` (its files, then its manifest: find missing, then
 /// upload) and has it build the tree. Files and bytes sent.
-async fn ship_inputs(client: &WorkerClient, addr: &str, tree: &Tree) -> Result<(u64, u64), String> {
+async fn ship_inputs(
+    client: &WorkerClient,
+    addr: &str,
+    tree: &Tree,
+) -> Result<(u64, u64), Unusable> {
     let mut digests: Vec<Digest> = tree.blobs.keys().copied().collect();
     digests.push(tree.digest);
     let mut missing = Vec::new();
@@ -194,7 +434,9 @@ async fn ship_inputs(client: &WorkerClient, addr: &str, tree: &Tree) -> Result<(
         let answer = client
             .missing(protocol::context_within(CHUNK_LIMIT), batch.to_vec())
             .await
-            .map_err(|e| format!("{addr}: the worker did not answer: {e}"))?;
+            .map_err(|e| {
+                Unusable::Unreachable(format!("{addr}: the worker did not answer: {e}"))
+            })?;
         missing.extend(answer);
     }
     let manifest_missing = missing.contains(&tree.digest);
@@ -215,15 +457,20 @@ async fn ship_inputs(client: &WorkerClient, addr: &str, tree: &Tree) -> Result<(
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()))
-        .map_err(|e| format!("cannot read {} to ship it: {e}", path.display()))?;
+        .map_err(|e| Unusable::Failed(format!("cannot read {} to ship it: {e}", path.display())))?;
         if Digest::of(&bytes) != digest {
-            return Err(format!(
+            return Err(Unusable::Failed(format!(
                 "{} changed while the run started; run again",
                 path.display()
-            ));
+            )));
         }
         let _permit = match bytes.len() > CHUNK_SIZE {
-            true => Some(large.acquire().await.map_err(|e| e.to_string())?),
+            true => Some(
+                large
+                    .acquire()
+                    .await
+                    .map_err(|e| Unusable::Failed(e.to_string()))?,
+            ),
             false => None,
         };
         upload(
@@ -253,8 +500,16 @@ async fn ship_inputs(client: &WorkerClient, addr: &str, tree: &Tree) -> Result<(
     client
         .prepare_inputs(protocol::context_within(PREPARE_LIMIT), tree.digest)
         .await
-        .map_err(|e| format!("{addr}: the worker did not build the input tree: {e}"))?
-        .map_err(|e| format!("{addr}: the worker cannot build the input tree: {e}"))?;
+        .map_err(|e| {
+            Unusable::Unreachable(format!(
+                "{addr}: the worker did not build the input tree: {e}"
+            ))
+        })?
+        .map_err(|e| {
+            Unusable::Failed(format!(
+                "{addr}: the worker cannot build the input tree: {e}"
+            ))
+        })?;
     Ok((count, sent))
 }
 
@@ -265,7 +520,7 @@ async fn upload(
     digest: Digest,
     bytes: &[u8],
     what: &str,
-) -> Result<u64, String> {
+) -> Result<u64, Unusable> {
     let total = bytes.len() as u64;
     let mut offset = 0usize;
     loop {
@@ -279,16 +534,16 @@ async fn upload(
         let progress = client
             .upload(protocol::context_within(CHUNK_LIMIT), chunk)
             .await
-            .map_err(|e| format!("{addr}: uploading {what} failed: {e}"))?
-            .map_err(|e| format!("{addr}: the worker refused {what}: {e}"))?;
+            .map_err(|e| Unusable::Unreachable(format!("{addr}: uploading {what} failed: {e}")))?
+            .map_err(|e| Unusable::Failed(format!("{addr}: the worker refused {what}: {e}")))?;
         offset = end;
         match progress {
             UploadProgress::Stored => return Ok(total),
             UploadProgress::Partial(_) if offset < bytes.len() => {}
             UploadProgress::Partial(received) => {
-                return Err(format!(
+                return Err(Unusable::Failed(format!(
                     "{addr}: the worker did not store {what} after all {total} bytes (it counted {received})"
-                ));
+                )));
             }
         }
     }
@@ -298,14 +553,18 @@ async fn upload(
 mod tests {
     use super::*;
 
+    fn addr(a: &str) -> Entry {
+        Entry::Addr(a.to_owned())
+    }
+
     #[test]
     fn parses_addresses_and_local() {
         assert_eq!(
             WorkersSpec::parse("a:1, b.example:7878,[::1]:9,a:1", "DTF_WORKERS"),
             Ok(WorkersSpec::Remote(vec![
-                "a:1".into(),
-                "b.example:7878".into(),
-                "[::1]:9".into()
+                addr("a:1"),
+                addr("b.example:7878"),
+                addr("[::1]:9")
             ]))
         );
         assert_eq!(
@@ -322,11 +581,131 @@ mod tests {
             "::1:80",
             "",
             " , ",
+            "dns:",
+            "dns:name",
+            "dns::80",
+            "dns:a b:80",
+            "dns:name:0",
+            "file:",
         ] {
             let err = WorkersSpec::parse(bad, "DTF_WORKERS").unwrap_err();
             assert!(err.contains("DTF_WORKERS"), "{bad}: {err}");
         }
         let err = WorkersSpec::parse("good:1,bad", "DTF_WORKERS").unwrap_err();
         assert!(err.contains("`bad`"), "{err}");
+    }
+
+    #[test]
+    fn entries_mix_and_repeat_once() {
+        assert_eq!(
+            WorkersSpec::parse(
+                "dns:workers.ci.svc:7878, a:1, file:/etc/w, dns:workers.ci.svc:7878",
+                "DTF_WORKERS"
+            ),
+            Ok(WorkersSpec::Remote(vec![
+                Entry::Dns {
+                    name: "workers.ci.svc".into(),
+                    port: 7878
+                },
+                addr("a:1"),
+                Entry::File("/etc/w".into()),
+            ]))
+        );
+    }
+
+    #[test]
+    fn a_file_lists_addresses_with_comments_and_names_what_it_cannot_read() {
+        let path = Path::new("/w");
+        let (entries, problems) = parse_file(
+            "# the fleet\na:1, b:2\n  dns:svc:7878 # headless\nfile:/other\nnot-an-address\na:1\n",
+            path,
+        );
+        assert_eq!(
+            entries,
+            vec![
+                addr("a:1"),
+                addr("b:2"),
+                Entry::Dns {
+                    name: "svc".into(),
+                    port: 7878
+                }
+            ]
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("cannot name another file"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("`not-an-address`") && problems[1].contains("/w"));
+    }
+
+    fn ep(key: &str, label: &str) -> Endpoint {
+        Endpoint {
+            key: key.into(),
+            addr: key.into(),
+            label: label.into(),
+        }
+    }
+
+    #[test]
+    fn duplicates_merge_by_address_and_the_first_label_wins() {
+        let merged = merge([
+            ep("127.0.0.2:1", "w1:1"),
+            ep("127.0.0.3:1", "127.0.0.3:1"),
+            ep("127.0.0.2:1", "127.0.0.2:1"),
+        ]);
+        assert_eq!(
+            merged,
+            vec![ep("127.0.0.2:1", "w1:1"), ep("127.0.0.3:1", "127.0.0.3:1")]
+        );
+    }
+
+    #[test]
+    fn a_look_up_adds_new_workers_brings_back_returning_ones_and_lets_vanished_ones_leave() {
+        let known = vec![
+            ("a".to_owned(), true),
+            ("b".to_owned(), true),
+            ("c".to_owned(), false),
+        ];
+        let found = [ep("a", "a"), ep("c", "c"), ep("d", "d")];
+        assert_eq!(
+            changes(&known, &found, false),
+            Changes {
+                joined: vec![ep("d", "d")],
+                returned: vec!["c".into()],
+                left: vec!["b".into()],
+            }
+        );
+        // A look-up that failed in part removes nothing.
+        assert!(changes(&known, &found, true).left.is_empty());
+        assert_eq!(changes(&known, &[], false).left, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn names_resolve_to_every_address_and_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("workers");
+        std::fs::write(&file, "127.0.0.1:9\n[::1]:9 localhost:9\n").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (found, problems) = rt.block_on(resolve(
+            &[
+                Entry::File(file.clone()),
+                addr("127.0.0.1:9"),
+                Entry::File(dir.path().join("absent")),
+            ],
+            Duration::from_secs(5),
+        ));
+        let keys: Vec<&str> = found.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.starts_with(&["127.0.0.1:9", "[::1]:9"]), "{keys:?}");
+        assert_eq!(
+            keys.iter().filter(|k| **k == "127.0.0.1:9").count(),
+            1,
+            "{keys:?}"
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("absent"), "{problems:?}");
     }
 }

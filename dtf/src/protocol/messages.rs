@@ -58,11 +58,41 @@ impl fmt::Display for Digest {
     }
 }
 
+/// A run's identity across its connections to one worker: 128 random bits the coordinator
+/// draws once per run. A coordinator that reconnects says it again, and the worker finds what
+/// it holds for the run (pinned blobs, input trees, fork servers) instead of rebuilding it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RunKey(pub [u8; 16]);
+
+impl RunKey {
+    /// A fresh random key.
+    pub fn random() -> std::io::Result<RunKey> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| std::io::Error::other(format!("no randomness: {e}")))?;
+        Ok(RunKey(bytes))
+    }
+
+    /// The first 8 hex characters, for logs.
+    pub fn short(&self) -> String {
+        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for RunKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RunKey({})", self.short())
+    }
+}
+
 /// What a coordinator says about itself when it connects.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Hello {
     /// A label for the run, shown in `dtf-worker status` (e.g. `fixture (pid 42 on host)`).
     pub run: String,
+    /// The run's identity across reconnects; `None` (a `status` or `drain` call, or a
+    /// coordinator of protocol 3) makes the connection a run of its own.
+    pub key: Option<RunKey>,
 }
 
 /// What a worker says about itself.
@@ -77,6 +107,38 @@ pub struct WorkerInfo {
     /// `None` when the worker maps the coordinator's paths for each test (a private mount
     /// namespace); else why it cannot, and its tests run from copies at other paths.
     pub path_mapping: Option<String>,
+    /// The worker is draining (it takes no new tests and exits when its running tests end):
+    /// a coordinator does not use it, and tries again later.
+    pub draining: bool,
+}
+
+/// A heartbeat's answer.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Beat {
+    /// Milliseconds since the worker started.
+    pub uptime_ms: u64,
+    /// The worker is draining: send it nothing more (what is queued there comes back declined).
+    pub draining: bool,
+}
+
+/// Why a worker did not run a test it was sent. The test did not start: the coordinator runs
+/// it elsewhere, and it does not count as an attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+pub enum Declined {
+    /// The worker is draining: it finishes what runs and takes nothing new.
+    #[error("the worker is draining")]
+    Draining,
+}
+
+/// What `drain` started.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct DrainStarted {
+    /// False when the worker was already draining.
+    pub started: bool,
+    /// Tests still running, which it lets finish.
+    pub running: u32,
+    /// How long it lets them run before killing what is left, in seconds.
+    pub timeout_secs: u64,
 }
 
 /// One piece of a binary upload. Chunks of one upload arrive in order, starting at offset 0.
@@ -248,6 +310,8 @@ pub struct WorkerStatus {
     pub bytes_received: u64,
     /// Seconds since start.
     pub uptime_secs: u64,
+    /// The worker is draining.
+    pub draining: bool,
 }
 
 /// An input tree built on a worker.
@@ -286,9 +350,10 @@ pub trait Worker {
     /// Stores one chunk of a binary; the last chunk verifies the digest before the binary
     /// becomes usable.
     async fn upload(chunk: Chunk) -> Result<UploadProgress, UploadError>;
-    /// Runs one test in a fresh sandboxed process and returns its outcome. Cancelling the
-    /// request (or closing the connection) kills the test's process group.
-    async fn run(request: RunRequest) -> RunResponse;
+    /// Runs one test in a fresh sandboxed process and returns its outcome, or declines it
+    /// (draining) before it starts. Cancelling the request (or closing the connection) kills
+    /// the test's process group.
+    async fn run(request: RunRequest) -> Result<RunResponse, Declined>;
     /// Builds the input tree whose manifest (uploaded like a binary, with every file it names)
     /// has this digest, once per connection; runs that name it see it at the coordinator's
     /// paths.
@@ -297,10 +362,13 @@ pub trait Worker {
     async fn outputs(manifest: Digest) -> Vec<crate::inputs::OutputFile>;
     /// A piece of an output file listed by `outputs`, from `offset`.
     async fn download(digest: Digest, offset: u64) -> Result<Download, String>;
-    /// Liveness: answers at once.
-    async fn ping() -> u64;
+    /// Liveness: answers at once, saying whether the worker is draining.
+    async fn ping() -> Beat;
     /// The worker's state.
     async fn status() -> WorkerStatus;
+    /// Starts draining, as SIGTERM does: no new tests; queued ones are declined; running ones
+    /// finish (up to the worker's `--drain-timeout`); then the worker exits.
+    async fn drain() -> DrainStarted;
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - [`transport`]: the version greeting, the Noise handshake that authenticates both sides
 //!   with the shared token and agrees on fresh keys, the encrypted record layer and the frame
 //!   codec;
-//! - [`token`]: loading and checking the shared token.
+//! - [`token`]: loading and checking the shared token;
+//! - [`v3`]: the previous protocol version, frozen, which workers still serve.
 //!
 //! This module ties them together: [`connect`] opens an authenticated connection and says
 //! hello. See `docs/security.md` for why the handshake is what it is.
@@ -13,6 +14,7 @@
 pub mod messages;
 pub mod token;
 pub mod transport;
+pub mod v3;
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,8 +27,9 @@ pub use messages::*;
 pub use token::{HOW_TO_MAKE_A_TOKEN, MIN_TOKEN_LEN, TOKEN_FILE_VAR, TOKEN_VAR, Token, TokenError};
 pub use transport::{
     ACCEPTED_VERSIONS, ClientTransport, HandshakeError, MAGIC, MAX_FRAME, MAX_REQUEST_FRAME,
-    PARTIAL_FRAME_BUDGET, PROTOCOL_VERSION, SecureStream, ServerTransport, client_handshake,
-    client_transport, configure_socket, partial_frame_bytes, server_handshake, server_transport,
+    OLDEST_SERVED, PARTIAL_FRAME_BUDGET, PROTOCOL_VERSION, SecureStream, ServerTransport,
+    accepted_versions, client_handshake, client_transport, configure_socket, partial_frame_bytes,
+    server_handshake, server_transport,
 };
 
 /// The default port of `dtf-worker`.

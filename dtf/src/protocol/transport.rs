@@ -49,11 +49,31 @@ use super::messages::{WorkerRequest, WorkerResponse};
 use super::token::Token;
 
 /// The protocol version this build speaks when it connects.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
-/// The versions a worker of this build accepts. A worker that serves an older version too
-/// (during a rolling upgrade) widens this range and branches on [`SecureStream::version`].
-pub const ACCEPTED_VERSIONS: RangeInclusive<u32> = PROTOCOL_VERSION..=PROTOCOL_VERSION;
+/// The oldest version any worker serves: 3, the first with the reviewed handshake.
+pub const OLDEST_SERVED: u32 = 3;
+
+/// The versions a worker of this build accepts: its own and the one before it (so workers can
+/// be upgraded first, while coordinators of the previous release still run), never one older
+/// than [`OLDEST_SERVED`]. The worker branches on [`SecureStream::version`].
+pub const ACCEPTED_VERSIONS: RangeInclusive<u32> = accepted_versions(PROTOCOL_VERSION);
+
+/// The versions a worker speaking `version` accepts: `version` and `version - 1`, but none
+/// older than [`OLDEST_SERVED`].
+pub const fn accepted_versions(version: u32) -> RangeInclusive<u32> {
+    let previous = version.saturating_sub(1);
+    let oldest = if previous < OLDEST_SERVED {
+        OLDEST_SERVED
+    } else {
+        previous
+    };
+    if oldest > version {
+        version..=version
+    } else {
+        oldest..=version
+    }
+}
 
 /// The first bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"DTF\0WRKR";
@@ -114,7 +134,7 @@ pub enum HandshakeError {
     NotDtf,
     /// The peers speak different protocol versions.
     #[error(
-        "protocol version mismatch: the {peer_role} speaks dtf protocol {}, this {our_role} speaks version {ours}; use the same dtf version on both sides",
+        "protocol version mismatch: the {peer_role} speaks dtf protocol {}, this {our_role} speaks version {ours}; a worker serves coordinators of its own protocol version and the one before it (from version 3 on): upgrade the workers first, then the coordinators",
         versions(peer)
     )]
     VersionMismatch {
@@ -237,15 +257,28 @@ async fn read_u16_message<S: AsyncRead + Unpin>(io: &mut S) -> Result<Vec<u8>, H
 /// The coordinator's side of the handshake. `token` must match the worker's; `None` connects
 /// only to workers that check no token. Returns the encrypted stream.
 pub async fn client_handshake<S>(
+    io: S,
+    token: Option<&Token>,
+) -> Result<SecureStream<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    client_handshake_as(io, token, PROTOCOL_VERSION).await
+}
+
+/// [`client_handshake`] saying protocol `ours` (the handshake is the same from version 3 on):
+/// for the frozen clients of older versions in [`super::v3`].
+pub(crate) async fn client_handshake_as<S>(
     mut io: S,
     token: Option<&Token>,
+    ours: u32,
 ) -> Result<SecureStream<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut greeting = Vec::with_capacity(15 + 64);
     greeting.extend_from_slice(&MAGIC);
-    greeting.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    greeting.extend_from_slice(&ours.to_be_bytes());
     greeting.push(if token.is_some() {
         MODE_TOKEN
     } else {
@@ -267,7 +300,7 @@ where
         return Err(HandshakeError::NotDtf);
     }
     let version = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
-    if version != PROTOCOL_VERSION {
+    if version != ours {
         // A worker of version 3 or later follows with its verdict and, for this one, the
         // oldest version it accepts; an older worker only says its own.
         let mut oldest = version;
@@ -280,7 +313,7 @@ where
             peer_role: "worker",
             our_role: "coordinator",
             peer: oldest..=version,
-            ours: PROTOCOL_VERSION,
+            ours,
         });
     }
     io.read_exact(&mut head[12..]).await?;
@@ -292,7 +325,7 @@ where
                 peer_role: "worker",
                 our_role: "coordinator",
                 peer: oldest..=version,
-                ours: PROTOCOL_VERSION,
+                ours,
             });
         }
         TOKEN_REQUIRED => return Err(HandshakeError::TokenRequired),
@@ -314,7 +347,7 @@ where
         });
     }
     let noise = noise.into_transport_mode().map_err(noise_error)?;
-    Ok(SecureStream::new(io, noise, PROTOCOL_VERSION))
+    Ok(SecureStream::new(io, noise, ours))
 }
 
 async fn answer<S: AsyncWrite + Unpin>(io: &mut S, version: u32, verdict: u8, rest: &[u8]) {
@@ -1028,6 +1061,33 @@ mod tests {
                 );
             }
         });
+    }
+
+    #[test]
+    fn a_worker_serves_its_version_and_the_previous_one_but_nothing_before_3() {
+        assert_eq!(accepted_versions(4), 3..=4);
+        assert_eq!(accepted_versions(5), 4..=5);
+        assert_eq!(accepted_versions(3), 3..=3);
+        assert_eq!(accepted_versions(2), 2..=2);
+        assert_eq!(ACCEPTED_VERSIONS, PROTOCOL_VERSION - 1..=PROTOCOL_VERSION);
+        for refused in [0, 1, 2, PROTOCOL_VERSION + 1, 99] {
+            assert!(!ACCEPTED_VERSIONS.contains(&refused), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_client_of_the_previous_version_gets_through_the_handshake() {
+        let (c, s) = block_on(async {
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let t = token(TOKEN);
+            let u = token(TOKEN);
+            tokio::join!(
+                async move { client_handshake_as(a, Some(&t), PROTOCOL_VERSION - 1).await },
+                async move { server_handshake(b, Some(&u)).await }
+            )
+        });
+        assert_eq!(c.unwrap().version(), PROTOCOL_VERSION - 1);
+        assert_eq!(s.unwrap().version(), PROTOCOL_VERSION - 1);
     }
 
     #[test]
