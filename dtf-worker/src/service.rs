@@ -60,9 +60,10 @@ const MAX_DIGESTS: usize = 8192;
 /// The longest run label kept.
 const MAX_LABEL: usize = 200;
 
-/// How long what a run holds is kept after its last connection closed, for a coordinator that
-/// reconnects.
-pub const RUN_LINGER: Duration = Duration::from_secs(60);
+/// How long what a run holds is kept after its last connection broke (not after a `finish`),
+/// for a coordinator that reconnects: it tries again 250 ms after losing a worker. Short, since
+/// a fork server is a process.
+pub const RUN_LINGER: Duration = Duration::from_secs(5);
 
 /// State shared by every connection.
 pub struct Shared {
@@ -239,6 +240,8 @@ struct Conn {
 struct RunState {
     id: RunId,
     key: Option<RunKey>,
+    /// The coordinator said the run is over: nothing is kept for a reconnect.
+    finished: AtomicBool,
     /// Connections of the run open now.
     connections: AtomicUsize,
     state: Mutex<ConnState>,
@@ -253,6 +256,7 @@ impl RunState {
         Arc::new(RunState {
             id,
             key: None,
+            finished: AtomicBool::new(false),
             connections: AtomicUsize::new(1),
             state: Mutex::new(ConnState {
                 label: peer.to_string(),
@@ -344,6 +348,7 @@ impl Conn {
         let keyed = Arc::new(RunState {
             id: own.id,
             key: Some(key),
+            finished: AtomicBool::new(false),
             connections: AtomicUsize::new(1),
             state: Mutex::new(std::mem::take(&mut *own.lock())),
         });
@@ -375,9 +380,18 @@ impl Conn {
         if run.connections.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
         }
-        let Some(key) = run.key else {
-            close_run(&self.shared, &run);
-            return;
+        let key = match run.key {
+            Some(key) if !run.finished.load(Ordering::SeqCst) => key,
+            _ => {
+                if let Some(key) = run.key {
+                    let mut runs = self.shared.runs();
+                    if runs.get(&key).is_some_and(|r| Arc::ptr_eq(r, &run)) {
+                        runs.remove(&key);
+                    }
+                }
+                close_run(&self.shared, &run);
+                return;
+            }
         };
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -752,6 +766,10 @@ impl Worker for Conn {
 
     async fn status(self, _: Context) -> WorkerStatus {
         self.shared.status()
+    }
+
+    async fn finish(self, _: Context) {
+        self.current().finished.store(true, Ordering::SeqCst);
     }
 
     async fn drain(self, _: Context) -> DrainStarted {

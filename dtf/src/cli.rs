@@ -73,6 +73,7 @@ impl std::str::FromStr for Order {
     disable_version_flag = true,
     after_help = "Environment: RUST_TEST_THREADS, DTF_TIMEOUT, DTF_ISOLATION, DTF_PASS_ENV, \
                   DTF_KEEP_TMP, DTF_RETRIES, DTF_JUNIT, DTF_HTML, DTF_PROFILE, DTF_CONFIG, DTF_ORDER, DTF_HISTORY_DIR, DTF_WORKERS, \
+                  DTF_REQUIRE_WORKERS, DTF_WORKER_WAIT, DTF_WORKERS_REFRESH, \
                   DTF_TOKEN. See dtf's README."
 )]
 pub struct Args {
@@ -177,7 +178,8 @@ pub struct Args {
     /// Print a notice for tests running longer than this (default 60s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     pub slow: Option<Duration>,
-    /// Run on these dtf-worker services: host:port,... or local:N (DTF_WORKERS).
+    /// Run on these dtf-worker services: host:port, dns:NAME:PORT, file:PATH (mixed, comma
+    /// separated), or local:N (DTF_WORKERS).
     #[arg(long, value_name = "WORKERS")]
     pub workers: Option<String>,
 }

@@ -464,6 +464,7 @@ async fn run_on(
             notes.push(line);
         }
     }
+    dispatcher.finish().await;
     notes.extend(dispatcher.notes());
     Ok(Outcome {
         reports: dispatcher.reports,
@@ -1489,6 +1490,19 @@ impl<'a> Dispatcher<'a> {
         })
     }
 
+    /// Tells every connected worker the run is over, so it releases what it holds for the run
+    /// now rather than keeping it for a reconnect.
+    async fn finish(&mut self) {
+        let calls = self
+            .remotes
+            .iter()
+            .filter_map(|r| r.client.clone())
+            .map(|client| async move {
+                let _ = client.finish(protocol::context_within(FINISH_LIMIT)).await;
+            });
+        futures::future::join_all(calls).await;
+    }
+
     fn notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
         let per_worker: Vec<String> = self
@@ -1530,6 +1544,9 @@ impl<'a> Dispatcher<'a> {
         notes
     }
 }
+
+/// How long telling a worker the run is over may take.
+const FINISH_LIMIT: Duration = Duration::from_secs(2);
 
 /// How long listing a worker's outputs may take.
 const OUTPUTS_LIMIT: Duration = Duration::from_secs(120);

@@ -369,6 +369,9 @@ pub trait Worker {
     /// Starts draining, as SIGTERM does: no new tests; queued ones are declined; running ones
     /// finish (up to the worker's `--drain-timeout`); then the worker exits.
     async fn drain() -> DrainStarted;
+    /// The run is over: the worker releases what it holds for the run when this connection
+    /// closes, instead of keeping it for a reconnect.
+    async fn finish();
 }
 
 #[cfg(test)]

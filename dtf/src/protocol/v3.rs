@@ -4,7 +4,7 @@
 //! A worker serves coordinators of its own protocol version and of the previous one (see
 //! [`super::ACCEPTED_VERSIONS`]), so workers can be upgraded before coordinators. Version 4
 //! changed `hello` (a run key), `run` (it may decline), `ping` (it says when the worker is
-//! draining) and `status`, and added `drain`; those messages are kept here as version 3 had
+//! draining) and `status`, and added `drain` and `finish`; those messages are kept here as version 3 had
 //! them. The calls whose types did not change (`missing`, `upload`, `prepare_inputs`,
 //! `outputs`, `download`) share the current types: changing one of them is a wire change, which
 //! needs a new version and a frozen copy of the old type here.
@@ -241,7 +241,7 @@ pub fn response_to_v3(
                 bytes_received: s.bytes_received,
                 uptime_secs: s.uptime_secs,
             }),
-            Now::Drain(_) => {
+            Now::Drain(_) | Now::Finish(_) => {
                 return Err(tarpc::ServerError::new(
                     std::io::ErrorKind::Unsupported,
                     "not a version 3 call".to_owned(),
