@@ -335,7 +335,14 @@ mod tests {
 
     fn shared(dir: &std::path::Path) -> Arc<Shared> {
         let cache = Cache::open(&dir.join("cache"), 1 << 20).unwrap();
-        Shared::new("w<1>".into(), 2, cache, dir.to_path_buf(), None)
+        Shared::new(
+            "w<1>".into(),
+            2,
+            cache,
+            dir.to_path_buf(),
+            None,
+            Duration::from_secs(300),
+        )
     }
 
     #[test]
