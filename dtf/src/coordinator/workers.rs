@@ -349,11 +349,12 @@ pub struct Ready {
 /// Why a worker is left out of a run.
 #[derive(Debug)]
 pub enum Unusable {
-    /// Connecting, authenticating, saying hello or a call failed, or the worker is draining:
-    /// the run tries again later.
+    /// Connecting, saying hello or a call failed, or the worker is draining: the run tries
+    /// again later.
     Unreachable(String),
-    /// The worker refused what the run needs (a binary over its cache cap, an input tree it
-    /// cannot build): the run goes on without it.
+    /// The worker refused this run (a token that does not match, another protocol version) or
+    /// what it needs (a binary over its cache cap, an input tree it cannot build): the run goes
+    /// on without it.
     Failed(String),
 }
 
@@ -375,7 +376,13 @@ pub async fn prepare(
     };
     let Connection { client, info, .. } = protocol::connect(addr, token, hello, CONNECT_LIMIT)
         .await
-        .map_err(|e| Unusable::Unreachable(e.to_string()))?;
+        .map_err(|e| {
+            if e.is_transient() {
+                Unusable::Unreachable(e.to_string())
+            } else {
+                Unusable::Failed(e.to_string())
+            }
+        })?;
     if info.draining {
         return Err(Unusable::Unreachable(
             "it is draining (it takes no new tests)".to_owned(),

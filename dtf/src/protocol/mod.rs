@@ -80,6 +80,21 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// True when trying again later may work (the worker is down, restarting, slow or out of
+    /// reach); false when it answered and refused (another protocol version, a token that does
+    /// not match, not a dtf worker), which retrying cannot change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Handshake { error, .. } => matches!(
+                error,
+                HandshakeError::Io(_) | HandshakeError::Timeout(_) | HandshakeError::Malformed(_)
+            ),
+            _ => true,
+        }
+    }
+}
+
 /// An open, authenticated connection to a worker.
 pub struct Connection {
     /// The tarpc client.
