@@ -555,6 +555,7 @@ async fn connect(w: &Worker) -> dtf::protocol::Connection {
         Some(&e2e_token()),
         dtf::protocol::Hello {
             run: "hardening".into(),
+            key: None,
         },
         Duration::from_secs(10),
     )
@@ -789,7 +790,10 @@ fn control_characters_in_test_names_and_labels_reach_the_log_and_status_escaped(
         let conn = dtf::protocol::connect(
             &w.addr,
             Some(&e2e_token()),
-            Hello { run: label.into() },
+            Hello {
+                run: label.into(),
+                key: None,
+            },
             Duration::from_secs(10),
         )
         .await
@@ -858,7 +862,11 @@ fn control_characters_in_test_names_and_labels_reach_the_log_and_status_escaped(
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let response = run.await.expect("task").expect("an answer");
+        let response = run
+            .await
+            .expect("task")
+            .expect("an answer")
+            .expect("not declined");
         assert!(response.failure.is_none(), "{:?}", response.failure);
         status
     });
