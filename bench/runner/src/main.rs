@@ -8,6 +8,7 @@
 //! cargo run --release -p dtf-bench -- all --quick     # smoke mode: fewer tests, one repetition
 //! ```
 
+mod dispatch;
 mod measure;
 mod sections;
 mod workers;
@@ -35,6 +36,11 @@ enum Section {
     Resources,
     /// Whole workspaces: cargo dtf against cargo test on workers and cargo nextest locally.
     Workspace,
+    /// The fork server: fork against exec, CPU per test, nextest on a std-harness twin, the
+    /// server's RSS, shared set-up with and without a warm-up.
+    Fork,
+    /// The coordinator's dispatch ceiling on fake workers with 1,000 slots; concurrent runs.
+    Dispatch,
     /// All of the above.
     All,
 }
@@ -86,6 +92,8 @@ fn main() {
     run(Section::Scheduling, sections::scheduling);
     run(Section::Resources, sections::resources);
     run(Section::Workspace, workspaces::workspaces);
+    run(Section::Fork, sections::fork);
+    run(Section::Dispatch, dispatch::dispatch);
     bench.print_table();
     if let Some(path) = &args.json
         && let Err(e) = bench.write_json(path)

@@ -50,6 +50,65 @@ pub fn time_median(reps: usize, mut make: impl FnMut() -> Command) -> Result<Dur
     Ok(median(samples))
 }
 
+/// Runs `cmd` to completion (output discarded): its wall time and the CPU time (user + system)
+/// of it and every descendant it waited for, from `wait4`.
+pub fn time_and_cpu(cmd: &mut Command) -> Result<(Duration, Duration), String> {
+    let started = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let (wall, cpu, _) = wait_usage(child, started)?;
+    Ok((wall, cpu))
+}
+
+/// Waits for `child` (started at `started`) with `wait4`: its wall time, CPU time (user +
+/// system, with the descendants it waited for) and peak RSS in KiB. A failure exit is an error.
+pub fn wait_usage(
+    child: std::process::Child,
+    started: Instant,
+) -> Result<(Duration, Duration, u64), String> {
+    let pid = child.id() as i32;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
+    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet waited for; both out-pointers are valid.
+    let rc = unsafe { nix::libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = started.elapsed();
+    std::mem::forget(child); // reaped by wait4 above
+    if rc != pid {
+        return Err(format!("wait4 failed: {}", std::io::Error::last_os_error()));
+    }
+    if !(nix::libc::WIFEXITED(status) && nix::libc::WEXITSTATUS(status) == 0) {
+        return Err(format!("process {pid} failed (status {status:#x})"));
+    }
+    let tv = |t: nix::libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    Ok((
+        wall,
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+        usage.ru_maxrss as u64,
+    ))
+}
+
+/// The medians of wall and CPU time over `reps` runs, after one untimed warm-up run.
+pub fn time_and_cpu_median(
+    reps: usize,
+    mut make: impl FnMut() -> Command,
+) -> Result<(Duration, Duration), String> {
+    time_and_cpu(&mut make())?;
+    let (mut walls, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let (wall, cpu) = time_and_cpu(&mut make())?;
+        walls.push(wall);
+        cpus.push(cpu);
+    }
+    Ok((median(walls), median(cpus)))
+}
+
 /// `cargo`, as cargo itself names it when it runs us.
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
@@ -79,6 +138,10 @@ pub fn build(targets: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
         "dtf-worker",
         "--bin",
         "dtf-worker",
+        "-p",
+        "dtf-bench",
+        "--bin",
+        "dtf-fake-worker",
     ]);
     for t in targets {
         cmd.args(["--test", t]);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::measure::{self, clean_command, secs, time_median};
+use crate::measure::{self, clean_command, secs, time_and_cpu_median, time_median};
 use crate::workers::{DelayProxy, LatencyNet, LocalWorkers, peak_rss_of_run};
 
 /// One line of the results table.
@@ -37,7 +37,16 @@ pub struct Bench {
     notes: Vec<String>,
 }
 
-const SUITES: [&str; 5] = ["trivial", "trivial_std", "sleepy", "skewed", "many"];
+const SUITES: [&str; 8] = [
+    "trivial",
+    "trivial_std",
+    "sleepy",
+    "skewed",
+    "many",
+    "shaped",
+    "shaped_warm",
+    "shaped_std",
+];
 
 impl Bench {
     /// Builds everything the sections need.
@@ -68,6 +77,11 @@ impl Bench {
     /// Smoke mode.
     pub fn quick(&self) -> bool {
         self.quick
+    }
+
+    /// A built binary by target name.
+    pub fn suite(&self, name: &str) -> Result<PathBuf, String> {
+        self.bin(name).map(Path::to_path_buf)
     }
 
     /// The release `dtf-worker`.
@@ -569,6 +583,228 @@ pub fn resources(b: &mut Bench) -> Result<(), String> {
         format!("coordinator peak RSS, {n} tests through 4 workers"),
         format!("{:.1} MiB", coordinator as f64 / 1024.0),
         coordinator as f64 / 1024.0,
+    );
+    Ok(())
+}
+
+/// The resident set of a running fork server, in KiB: the process whose initial environment
+/// held `__DTF_FORK_SERVER` (its forked tests inherit that memory, so the server is the one
+/// whose parent does not).
+fn fork_server_rss() -> Option<u64> {
+    let mut found: Vec<(u32, u32, u64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if !environ
+            .split(|b| *b == 0)
+            .any(|v| v.starts_with(b"__DTF_FORK_SERVER="))
+        {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        };
+        if let (Some(ppid), Some(rss)) = (field("PPid:"), field("VmRSS:")) {
+            found.push((pid, ppid as u32, rss));
+        }
+    }
+    let pids: Vec<u32> = found.iter().map(|f| f.0).collect();
+    found
+        .iter()
+        .find(|(_, ppid, _)| !pids.contains(ppid))
+        .map(|f| f.2)
+}
+
+/// The fork server: per-test wall and CPU by fork and by exec, against cargo-nextest on a
+/// std-harness twin and libtest; the server's memory; a suite with shared set-up, with and
+/// without a warm-up, against libtest serial and threaded.
+pub fn fork(b: &mut Bench) -> Result<(), String> {
+    let n = 1000.0;
+    let reps = b.reps;
+    let trivial = b.bin("trivial")?.to_path_buf();
+    let std_bin = b.bin("trivial_std")?.to_path_buf();
+    let ms_per = |d: Duration, count: f64| d.as_secs_f64() * 1000.0 / count;
+
+    let (libtest, libtest_cpu) = time_and_cpu_median(reps, || {
+        let mut c = clean_command(&std_bin);
+        c.arg("-q");
+        c
+    })?;
+    b.row(
+        "fork",
+        "libtest in-process, 1000 trivial tests: wall (CPU)",
+        format!("{} ({})", secs(libtest), secs(libtest_cpu)),
+        libtest.as_secs_f64(),
+    );
+    let mut spawn = HashMap::new();
+    for how in ["fork", "exec"] {
+        let (wall, cpu) = time_and_cpu_median(reps, || {
+            let mut c = clean_command(&trivial);
+            c.args(["-q", "--isolation", "env"]).env("DTF_SPAWN", how);
+            c
+        })?;
+        b.row(
+            "fork",
+            format!("dtf `env` by {how}, binary run directly: wall (CPU per test)"),
+            format!("{} ({:.2} ms CPU/test)", secs(wall), ms_per(cpu, n)),
+            wall.as_secs_f64(),
+        );
+        spawn.insert(how, (wall, cpu));
+    }
+    let (fork_wall, fork_cpu) = spawn["fork"];
+    let (exec_wall, _) = spawn["exec"];
+    b.row(
+        "fork",
+        "fork / exec (wall)",
+        format!("{:.2}", fork_wall.as_secs_f64() / exec_wall.as_secs_f64()),
+        fork_wall.as_secs_f64() / exec_wall.as_secs_f64(),
+    );
+    let cpu_per_test = ms_per(fork_cpu, n);
+    b.target_row(
+        "fork",
+        "CPU per test at `env` (fork; runner + server + test processes)",
+        format!("{cpu_per_test:.2} ms"),
+        cpu_per_test,
+        "≤ 0.5 ms",
+        cpu_per_test <= 0.5,
+    );
+
+    // Both through cargo: nextest on the std-harness twin, dtf by cargo test.
+    let root = measure::workspace_root();
+    let through_cargo = |subcommand: &[&str], test: &str| {
+        time_median(reps, || {
+            let mut c = Command::new(measure::cargo());
+            c.current_dir(&root)
+                .args(subcommand)
+                .args(["--release", "-p", "dtf-bench-suites", "--test", test])
+                .env("RUST_BACKTRACE", "0");
+            c
+        })
+    };
+    let nextest_std = through_cargo(&["nextest", "run"], "trivial_std")?;
+    b.row(
+        "fork",
+        "cargo nextest run on the std-harness twin",
+        secs(nextest_std),
+        nextest_std.as_secs_f64(),
+    );
+    let dtf_cargo = through_cargo(&["test", "-q"], "trivial")?;
+    b.row(
+        "fork",
+        "cargo test on the dtf binary (`env`, fork)",
+        secs(dtf_cargo),
+        dtf_cargo.as_secs_f64(),
+    );
+    let ratio = dtf_cargo.as_secs_f64() / nextest_std.as_secs_f64();
+    b.target_row(
+        "fork",
+        "dtf / nextest on the twin (wall, both through cargo)",
+        format!("{ratio:.2}×"),
+        ratio,
+        "≤ 0.2×",
+        ratio <= 0.2,
+    );
+
+    // The full level's extra cost per test, by fork.
+    if full_available(&trivial) {
+        let full = time_median(reps, || {
+            let mut c = clean_command(&trivial);
+            c.args(["-q", "--isolation", "full"]);
+            c
+        })?;
+        let extra = ms_per(full.saturating_sub(fork_wall), n);
+        b.row(
+            "fork",
+            "`full` over `env` (fork)",
+            format!(
+                "{:.2}× ({extra:+.2} ms/test)",
+                full.as_secs_f64() / fork_wall.as_secs_f64()
+            ),
+            full.as_secs_f64() / fork_wall.as_secs_f64(),
+        );
+    }
+
+    // The server's memory while tests run (sleepy: 50 ms tests, so the server is up).
+    let sleepy = b.bin("sleepy")?.to_path_buf();
+    let mut child = clean_command(&sleepy)
+        .args(["-q", "--test-threads", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run the sleepy suite: {e}"))?;
+    let mut rss = None;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(kib) = fork_server_rss() {
+            rss = Some(kib);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    match rss {
+        Some(kib) => b.row(
+            "fork",
+            "fork server RSS (release trivial suite binary, while serving)",
+            format!("{:.1} MiB", kib as f64 / 1024.0),
+            kib as f64 / 1024.0,
+        ),
+        None => b.note("the fork server's RSS was not found (no server process seen)".into()),
+    }
+
+    // Shared set-up: 150 tests × 0.2 ms over a table that takes 5 ms to build.
+    let count = 150.0;
+    let shaped = b.bin("shaped")?.to_path_buf();
+    let warm = b.bin("shaped_warm")?.to_path_buf();
+    let shaped_std = b.bin("shaped_std")?.to_path_buf();
+    let shaped_row = |b: &mut Bench, what: &str, bin: &Path, args: &[&str]| {
+        let d = time_median(reps, || {
+            let mut c = clean_command(bin);
+            c.args(args);
+            c
+        });
+        if let Ok(d) = d {
+            b.row(
+                "fork",
+                format!("shaped suite (150 × 0.2 ms, 5 ms table): {what}"),
+                format!("{} ({:.2} ms/test)", secs(d), ms_per(d, count)),
+                d.as_secs_f64(),
+            );
+        }
+        d
+    };
+    let cold = shaped_row(b, "dtf, no warm-up", &shaped, &["-q"])?;
+    let warmed = shaped_row(b, "dtf, `#[dtf::warm_up]`", &warm, &["-q"])?;
+    let serial = shaped_row(
+        b,
+        "libtest --test-threads=1",
+        &shaped_std,
+        &["-q", "--test-threads=1"],
+    )?;
+    let threaded = shaped_row(b, "libtest threaded", &shaped_std, &["-q"])?;
+    let _ = (cold, threaded);
+    let ratio = warmed.as_secs_f64() / serial.as_secs_f64();
+    b.target_row(
+        "fork",
+        "shaped: dtf with warm-up / libtest serialised",
+        format!("{ratio:.2}×"),
+        ratio,
+        "≤ 1.0×",
+        ratio <= 1.0,
     );
     Ok(())
 }
