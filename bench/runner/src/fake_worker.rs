@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use dtf::protocol::{
-    self, Chunk, Digest, Download, Hello, InputsReady, RunRequest, RunResponse, Token, UploadError,
-    UploadProgress, Worker, WorkerInfo, WorkerStatus,
+    self, Beat, Chunk, Declined, Digest, Download, DrainStarted, Hello, InputsReady, RunRequest,
+    RunResponse, Token, UploadError, UploadProgress, Worker, WorkerInfo, WorkerStatus,
 };
 use futures::StreamExt;
 use tarpc::context::Context;
@@ -64,6 +64,7 @@ impl Worker for Fake {
             slots: self.slots,
             version: format!("fake {}", env!("CARGO_PKG_VERSION")),
             path_mapping: None,
+            draining: false,
         }
     }
 
@@ -75,20 +76,20 @@ impl Worker for Fake {
         Ok(UploadProgress::Stored)
     }
 
-    async fn run(self, _: Context, _request: RunRequest) -> RunResponse {
+    async fn run(self, _: Context, _request: RunRequest) -> Result<RunResponse, Declined> {
         let _slot = self.permits.acquire().await;
         let started = Instant::now();
         if !self.duration.is_zero() {
             tokio::time::sleep(self.duration).await;
         }
         self.ran.fetch_add(1, Ordering::Relaxed);
-        RunResponse {
+        Ok(RunResponse {
             failure: None,
             duration: started.elapsed(),
             output: Default::default(),
             leaked: Vec::new(),
             worker: self.name.clone(),
-        }
+        })
     }
 
     async fn prepare_inputs(self, _: Context, _manifest: Digest) -> Result<InputsReady, String> {
@@ -103,9 +104,22 @@ impl Worker for Fake {
         Err("a fake worker holds no files".to_owned())
     }
 
-    async fn ping(self, _: Context) -> u64 {
-        0
+    async fn ping(self, _: Context) -> Beat {
+        Beat {
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            draining: false,
+        }
     }
+
+    async fn drain(self, _: Context) -> DrainStarted {
+        DrainStarted {
+            started: false,
+            running: 0,
+            timeout_secs: 0,
+        }
+    }
+
+    async fn finish(self, _: Context) {}
 
     async fn status(self, _: Context) -> WorkerStatus {
         WorkerStatus {
@@ -124,6 +138,7 @@ impl Worker for Fake {
             cache_misses: 0,
             bytes_received: 0,
             uptime_secs: self.started.elapsed().as_secs(),
+            draining: false,
         }
     }
 }
