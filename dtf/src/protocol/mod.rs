@@ -11,6 +11,7 @@
 //! This module ties them together: [`connect`] opens an authenticated connection and says
 //! hello. See `docs/security.md` for why the handshake is what it is.
 
+pub mod fuzzing;
 pub mod messages;
 pub mod token;
 pub mod transport;

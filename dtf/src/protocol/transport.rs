@@ -99,6 +99,42 @@ pub fn partial_frame_bytes() -> usize {
     PARTIAL_FRAME_BYTES.load(Ordering::Relaxed)
 }
 
+/// The furthest deadline a request may carry. tarpc turns the relative deadline on the wire
+/// into `Instant::now() + deadline`, which panics on overflow: a deadline of `u64::MAX` seconds
+/// would crash the worker inside tarpc's deserialisation.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// Checks the deadline of a request frame (postcard of `tarpc::ClientMessage`) before it is
+/// decoded: a deadline more than [`MAX_DEADLINE`] away is refused. Frames that are not
+/// requests, or too short to say, are left for the decoder to judge.
+pub fn check_request_deadline(frame: &[u8]) -> Result<(), String> {
+    fn varint(bytes: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..70).step_by(7) {
+            let (&byte, rest) = bytes.split_first()?;
+            *bytes = rest;
+            value |= u64::from(byte & 0x7f).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut rest = frame;
+    // `ClientMessage::Request` is variant 0; its first field is the context, whose first is
+    // the deadline: a `Duration` as `secs (varint u64) | nanos (varint u32)`.
+    if varint(&mut rest) != Some(0) {
+        return Ok(());
+    }
+    match varint(&mut rest) {
+        Some(secs) if secs > MAX_DEADLINE.as_secs() => Err(format!(
+            "a request's deadline is {secs} s away, more than a year (at most {} s)",
+            MAX_DEADLINE.as_secs()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A frame buffer holding more than this after a frame is replaced by a small one, so a large
 /// frame's memory goes back once it is decoded.
 const KEEP_BUFFER: usize = 64 << 10;
@@ -633,8 +669,10 @@ impl<Item, SinkItem> FrameCodec<Item, SinkItem> {
         }
     }
 
-    /// A codec whose partial frames count against the process's [`PARTIAL_FRAME_BUDGET`].
-    pub fn budgeted(max: usize) -> Self {
+    /// A worker's codec: its partial frames count against the process's
+    /// [`PARTIAL_FRAME_BUDGET`], and a request's deadline is checked
+    /// ([`check_request_deadline`]) before tarpc's types see it.
+    pub fn worker(max: usize) -> Self {
         FrameCodec {
             budgeted: true,
             ..FrameCodec::new(max)
@@ -701,6 +739,10 @@ impl<Item: DeserializeOwned, SinkItem> Decoder for FrameCodec<Item, SinkItem> {
             *src = BytesMut::with_capacity(KEEP_BUFFER.min(rest.len().max(8 << 10)));
             src.extend_from_slice(&rest);
         }
+        if self.budgeted {
+            check_request_deadline(&frame)
+                .map_err(|e| malformed(format!("malformed frame: {e}")))?;
+        }
         match postcard::take_from_bytes(&frame) {
             Ok((item, [])) => Ok(Some(item)),
             Ok((_, rest)) => Err(malformed(format!(
@@ -756,7 +798,7 @@ pub fn client_transport<S: AsyncRead + AsyncWrite + Unpin>(
 pub fn server_transport<S: AsyncRead + AsyncWrite + Unpin>(
     stream: SecureStream<S>,
 ) -> ServerTransport<S> {
-    Framed::new(stream, FrameCodec::budgeted(MAX_REQUEST_FRAME))
+    Framed::new(stream, FrameCodec::worker(MAX_REQUEST_FRAME))
 }
 
 /// Turns on TCP keepalive (probes after 5 s idle, every 2 s, 3 misses) and disables Nagle's
@@ -1136,7 +1178,7 @@ mod tests {
         let mut holding = Vec::new();
         let mut refused = 0;
         for _ in 0..40 {
-            let mut codec = Codec::budgeted(MAX_REQUEST_FRAME);
+            let mut codec = Codec::worker(MAX_REQUEST_FRAME);
             let mut buf = BytesMut::new();
             buf.put_u32(MAX_REQUEST_FRAME as u32);
             buf.extend_from_slice(&vec![0u8; body]);
@@ -1161,7 +1203,7 @@ mod tests {
         assert_eq!(partial_frame_bytes(), 0);
 
         // A large frame, once decoded, leaves no large buffer behind; its count is released.
-        let mut codec = Codec::budgeted(MAX_REQUEST_FRAME);
+        let mut codec = Codec::worker(MAX_REQUEST_FRAME);
         let frame = postcard::to_stdvec(&vec![7u8; 1 << 20]).unwrap();
         let mut buf = BytesMut::with_capacity(4 << 20);
         buf.put_u32(frame.len() as u32);
