@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use dtf::outcome::format_duration;
 use dtf::protocol::human_bytes;
+// The HTML report's escaping: markup, quotes, and control characters HTML does not allow.
+use dtf::report::html::esc as escape;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -197,22 +199,6 @@ pub async fn readiness(shared: &Arc<Shared>) -> Result<(), String> {
         Ok(Err(why)) => Err(format!("the cache is unusable: {why}")),
         Err(e) => Err(format!("cannot check the cache: {e}")),
     }
-}
-
-/// `text` with HTML's special characters escaped, for element content and quoted attributes.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn elapsed(d: Duration) -> String {
