@@ -1,6 +1,6 @@
-//! `cargo dtf` on a one-package workspace: `--skip-unchanged`, a `target.<triple>.runner`
-//! with `--target`, and the input tree shipped with each binary to a worker that cannot see
-//! the checkout.
+//! `cargo dtf` on a one-package workspace: `--skip-unchanged` and a `target.<triple>.runner`
+//! with `--target`. The input trees shipped with each binary to workers that cannot see the
+//! checkout are `cargo_dtf_inputs.rs`'s.
 
 use std::path::Path;
 use std::time::Duration;

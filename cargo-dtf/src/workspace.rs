@@ -536,7 +536,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
     if args.no_fail_fast {
         settings.fail_fast = false;
     }
-    let workers = dtf::coordinator::Options::from_env(
+    let mut workers = dtf::coordinator::Options::from_env(
         dargs.workers.as_deref(),
         settings.slots,
         settings.fail_fast,
@@ -549,6 +549,10 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
              (the runner is a program of this machine): run locally, or unset the runner",
             args.build.target.as_deref().unwrap_or_default()
         ));
+    }
+    // On workers, each binary's tests see its package's input tree.
+    if let Some(workers) = workers.as_mut() {
+        workers.inputs = package_inputs(&binaries)?;
     }
 
     // What each test asked for, and whether namespaces are there for those at `full`.
@@ -759,6 +763,40 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
     drop(run_dir);
     let _ = std::io::stdout().flush();
     Ok(outcome.code)
+}
+
+/// The input trees of a distributed run: one per package, for all of the package's binaries
+/// (its files, its build script's `OUT_DIR`, its executables, and the shared libraries each
+/// of its binaries loads), as a dtf binary run by `cargo test` ships its own.
+fn package_inputs(binaries: &[Binary]) -> Result<Vec<dtf::coordinator::Inputs>, String> {
+    let mut packages: Vec<(&Path, Vec<usize>)> = Vec::new();
+    for (i, binary) in binaries.iter().enumerate() {
+        match packages
+            .iter_mut()
+            .find(|(root, _)| *root == binary.manifest_dir.as_path())
+        {
+            Some((_, of)) => of.push(i),
+            None => packages.push((&binary.manifest_dir, vec![i])),
+        }
+    }
+    packages
+        .into_iter()
+        .map(|(root, of)| {
+            let first = &binaries[of[0]];
+            let out_dir = of.iter().find_map(|&i| binaries[i].out_dir.clone());
+            let mut sources =
+                dtf::inputs::Sources::new(first.path.clone(), root.to_path_buf(), out_dir, None)
+                    .with_env(|name| std::env::var(name).ok())
+                    .map_err(|e| format!("{}: {e}", first.package))?;
+            sources.more_binaries = of[1..].iter().map(|&i| binaries[i].path.clone()).collect();
+            let compiled = sources.compiled_paths(root);
+            Ok(dtf::coordinator::Inputs {
+                sources,
+                compiled,
+                binaries: of,
+            })
+        })
+        .collect()
 }
 
 /// With `--target`, the target's `runner` from cargo's config (empty: none).

@@ -154,7 +154,11 @@ async fn run_tests(
         )
         .with_env(|name| std::env::var(name).ok())?;
         let compiled = sources.compiled_paths(std::path::Path::new(package.manifest_dir));
-        workers.inputs = Some(coordinator::Inputs { sources, compiled });
+        workers.inputs = vec![coordinator::Inputs {
+            sources,
+            compiled,
+            binaries: vec![0],
+        }];
     }
 
     let mut reporters = make_reporters(args, config, selected);

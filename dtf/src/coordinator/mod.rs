@@ -134,23 +134,27 @@ pub struct Options {
     pub fail_fast: bool,
     /// Notice threshold for slow tests.
     pub slow: Duration,
-    /// What travels with the binary as its input tree (none: the tests see the worker's
-    /// filesystem as it is).
-    pub inputs: Option<Inputs>,
+    /// What travels with the binaries as their input trees, one entry per tree: each names
+    /// the plan's binaries whose tests see it. A binary that no entry names (or an empty
+    /// list) travels alone: its tests see the worker's filesystem as it is.
+    pub inputs: Vec<Inputs>,
     /// How long a run with no worker left waits for one (`DTF_WORKER_WAIT`).
     pub wait: Duration,
     /// How often `dns:` and `file:` entries are looked up again (`DTF_WORKERS_REFRESH`).
     pub refresh: Duration,
 }
 
-/// The input tree's sources, and the paths compiled into the binary (named when a worker
-/// cannot map them).
+/// One input tree's sources, the binaries whose tests see it, and the paths compiled into
+/// them (named when a worker cannot map them).
 #[derive(Clone, Debug)]
 pub struct Inputs {
     /// Where the tree comes from.
     pub sources: inputs::Sources,
-    /// `(what, path)` of paths compiled into the binary (`CARGO_MANIFEST_DIR`, `OUT_DIR`, ...).
+    /// `(what, path)` of paths compiled into the binaries (`CARGO_MANIFEST_DIR`, `OUT_DIR`, ...).
     pub compiled: Vec<(String, PathBuf)>,
+    /// The binaries (indexes into the plan's sandboxes) whose tests run in this tree: the
+    /// binaries of one package share their package's tree.
+    pub binaries: Vec<usize>,
 }
 
 impl Options {
@@ -183,7 +187,7 @@ impl Options {
             slots,
             fail_fast,
             slow,
-            inputs: None,
+            inputs: Vec::new(),
             wait,
             refresh,
         }))
@@ -258,11 +262,12 @@ pub async fn run(
     outcome
 }
 
-/// What every connection of the run needs: the binaries, the input tree, the token, the run's
+/// What every connection of the run needs: the binaries, the input trees, the token, the run's
 /// label and key.
 struct Shipment {
     binaries: Vec<workers::Binary>,
-    tree: Option<Arc<Tree>>,
+    /// Every input tree of the run, each once (binaries of one package share theirs).
+    trees: Vec<Arc<Tree>>,
     token: Option<Token>,
     run_label: String,
     key: protocol::RunKey,
@@ -280,7 +285,7 @@ impl Shipment {
             &self.run_label,
             Some(self.key),
             &self.binaries,
-            self.tree.as_deref(),
+            &self.trees,
         )
         .await
     }
@@ -333,26 +338,14 @@ async fn run_on(
         &std::env::current_exe().unwrap_or_else(|_| sandboxes[0].program().to_path_buf()),
     );
 
-    // The input tree: computed before anything is shipped, so a tree over its cap fails the
-    // run before any test starts.
-    let tree = match &options.inputs {
-        Some(inputs) => {
-            let sources = inputs.sources.clone();
-            let tree = tokio::task::spawn_blocking(move || Tree::compute(&sources))
-                .await
-                .map_err(|e| Error::Workers(format!("cannot compute the input tree: {e}")))??;
-            for note in &tree.notes {
-                notice(&escape(note));
-            }
-            Some(Arc::new(tree))
-        }
-        None => None,
-    };
+    // The input trees: computed before anything is shipped, so a tree over its cap fails the
+    // run before any test starts. Only the trees of binaries with tests in the plan.
+    let (trees, tree_of) = compute_trees(&options.inputs, &wanted, sandboxes.len()).await?;
     let key = protocol::RunKey::random()
         .map_err(|e| Error::Workers(format!("cannot make the run's key: {e}")))?;
     let shipment = Arc::new(Shipment {
         binaries,
-        tree: tree.clone(),
+        trees: trees.clone(),
         token,
         run_label,
         key,
@@ -441,8 +434,8 @@ async fn run_on(
     }
     notes.push(line);
     let ready_only: Vec<&workers::Ready> = ready.iter().map(|(_, r)| r).collect();
-    if let Some(tree) = &tree {
-        notes.push(inputs_line(tree, &ready_only));
+    if !trees.is_empty() {
+        notes.push(inputs_line(&trees, &ready_only));
         if let Some(note) = unmapped_note(&ready_only, options) {
             notice(&note);
             notes.push(format!("dtf: {note}"));
@@ -450,7 +443,7 @@ async fn run_on(
     }
 
     let mut dispatcher = Dispatcher::new(
-        plan, order, sandboxes, options, digests, shipment, ready, retry,
+        plan, order, sandboxes, options, digests, tree_of, shipment, ready, retry,
     );
     if let Some(entries) = discovery {
         dispatcher.discover(entries);
@@ -459,10 +452,8 @@ async fn run_on(
     if let Some(fatal) = dispatcher.fatal.take() {
         return Err(Error::Workers(fatal));
     }
-    if let Some(tree) = &tree {
-        if let Some(line) = dispatcher.fetch_outputs(tree).await {
-            notes.push(line);
-        }
+    if let Some(line) = dispatcher.fetch_outputs(&trees).await {
+        notes.push(line);
     }
     dispatcher.finish().await;
     notes.extend(dispatcher.notes());
@@ -473,15 +464,60 @@ async fn run_on(
     })
 }
 
+/// The input trees of `inputs` whose binaries are among `wanted`, each once (two entries
+/// that come to the same tree share it), and for each binary index below `binaries` the
+/// index of its tree.
+async fn compute_trees(
+    inputs: &[Inputs],
+    wanted: &[usize],
+    binaries: usize,
+) -> Result<(Vec<Arc<Tree>>, Vec<Option<usize>>), Error> {
+    let used: Vec<Inputs> = inputs
+        .iter()
+        .filter(|i| i.binaries.iter().any(|b| wanted.contains(b)))
+        .cloned()
+        .collect();
+    let computed = tokio::task::spawn_blocking(move || {
+        used.into_iter()
+            .map(|i| Tree::compute(&i.sources).map(|tree| (i.binaries, tree)))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| Error::Workers(format!("cannot compute the input trees: {e}")))??;
+    let mut trees: Vec<Arc<Tree>> = Vec::new();
+    let mut tree_of = vec![None; binaries];
+    for (of, tree) in computed {
+        let at = match trees.iter().position(|t| t.digest == tree.digest) {
+            Some(at) => at,
+            None => {
+                for note in &tree.notes {
+                    notice(&escape(note));
+                }
+                trees.push(Arc::new(tree));
+                trees.len() - 1
+            }
+        };
+        for b in of {
+            if let Some(slot) = tree_of.get_mut(b) {
+                slot.get_or_insert(at);
+            }
+        }
+    }
+    Ok((trees, tree_of))
+}
+
 /// `dtf: inputs: 3 files shipped to 1 of 2 (120 bytes), already cached on 1; 40 files (1.2 MiB)
-/// in the tree`.
-fn inputs_line(tree: &Tree, ready: &[&workers::Ready]) -> String {
+/// in the tree` (`in 2 trees` when the run's binaries come from several packages).
+fn inputs_line(trees: &[Arc<Tree>], ready: &[&workers::Ready]) -> String {
     let shipped_to = ready.iter().filter(|r| r.input_bytes > 0).count();
     let files: u64 = ready.iter().map(|r| r.input_files).sum();
     let bytes: u64 = ready.iter().map(|r| r.input_bytes).sum();
-    let (tree_files, tree_bytes) = tree.size();
+    let (tree_files, tree_bytes) = trees.iter().fold((0, 0), |(f, b), t| {
+        let (tf, tb) = t.size();
+        (f + tf, b + tb)
+    });
     format!(
-        "dtf: inputs: {files} file{} shipped to {shipped_to} of {} ({bytes} bytes{}), already cached on {}; {tree_files} file{} ({}) in the tree",
+        "dtf: inputs: {files} file{} shipped to {shipped_to} of {} ({bytes} bytes{}), already cached on {}; {tree_files} file{} ({}) in {}",
         if files == 1 { "" } else { "s" },
         ready.len(),
         if bytes >= 1024 {
@@ -492,6 +528,10 @@ fn inputs_line(tree: &Tree, ready: &[&workers::Ready]) -> String {
         ready.len() - shipped_to,
         if tree_files == 1 { "" } else { "s" },
         human_bytes(tree_bytes),
+        match trees.len() {
+            1 => "the tree".to_owned(),
+            n => format!("{n} trees"),
+        },
     )
 }
 
@@ -509,17 +549,14 @@ fn unmapped_note(ready: &[&workers::Ready], options: &Options) -> Option<String>
     if refusing.is_empty() {
         return None;
     }
-    let compiled = options
-        .inputs
-        .as_ref()
-        .map(|i| {
-            i.compiled
-                .iter()
-                .map(|(what, path)| format!("{} = {}", what, path.display()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
+    let mut compiled: Vec<String> = Vec::new();
+    for (what, path) in options.inputs.iter().flat_map(|i| &i.compiled) {
+        let shown = format!("{} = {}", what, path.display());
+        if !compiled.contains(&shown) {
+            compiled.push(shown);
+        }
+    }
+    let compiled = compiled.join(", ");
     Some(format!(
         "note: {} cannot map this machine's paths for tests: {}. There, tests start in a copy of the \
          package root, and CARGO_MANIFEST_DIR, the loader path and other variables holding shipped \
@@ -684,8 +721,8 @@ struct Dispatcher<'a> {
     options: &'a Options,
     digests: Vec<protocol::Digest>,
     shipment: Arc<Shipment>,
-    /// The input tree of binary 0 (the binary running the run), when it travels.
-    tree: Option<Arc<Tree>>,
+    /// By the plan's binary index: which of the shipment's trees its tests see.
+    tree_of: Vec<Option<usize>>,
     scheduler: Scheduler,
     remotes: Vec<Remote>,
     in_flight: HashMap<u64, InFlight>,
@@ -715,20 +752,20 @@ impl<'a> Dispatcher<'a> {
         sandboxes: &'a [Sandbox],
         options: &'a Options,
         digests: Vec<protocol::Digest>,
+        tree_of: Vec<Option<usize>>,
         shipment: Arc<Shipment>,
         ready: Vec<(workers::Endpoint, workers::Ready)>,
         retry: Vec<workers::Endpoint>,
     ) -> Dispatcher<'a> {
         let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        let tree = shipment.tree.clone();
         let mut dispatcher = Dispatcher {
             plan,
             sandboxes,
             options,
             digests,
             shipment,
-            tree,
+            tree_of,
             scheduler: Scheduler::with_limits(order, &retries, plan.limits()),
             remotes: Vec::new(),
             in_flight: HashMap::new(),
@@ -1089,11 +1126,7 @@ impl<'a> Dispatcher<'a> {
                 };
                 let request = RunRequest {
                     digest: self.digests[test.binary],
-                    inputs: self
-                        .tree
-                        .as_ref()
-                        .filter(|_| test.binary == 0)
-                        .map(|t| t.digest),
+                    inputs: self.tree_of(test.binary).map(|t| t.digest),
                     spec: remote_spec(&test.spec),
                 };
                 let ctx = run_context(test.spec.timeout);
@@ -1279,7 +1312,8 @@ impl<'a> Dispatcher<'a> {
                     Target::Remote(i) => {
                         self.remotes[i].ran += 1;
                         attempt.worker = Some(self.remotes[i].label.clone());
-                        if let (Some(tree), Some(_)) = (&self.tree, &attempt.failure) {
+                        let binary = self.plan.tests[job.test].binary;
+                        if let (Some(tree), Some(_)) = (self.tree_of(binary), &attempt.failure) {
                             let notes = missing_path_notes(
                                 tree,
                                 &attempt,
@@ -1401,18 +1435,30 @@ impl<'a> Dispatcher<'a> {
         }
     }
 
-    /// Brings back what the tests wrote that matches the tree's output patterns, from every
+    /// The input tree the tests of binary `binary` see, when one travels with it.
+    fn tree_of(&self, binary: usize) -> Option<&Arc<Tree>> {
+        let at = (*self.tree_of.get(binary)?)?;
+        self.shipment.trees.get(at)
+    }
+
+    /// Brings back what the tests wrote that matches the trees' output patterns, from every
     /// worker still connected, into the same paths here. Content-addressed: a file already
     /// here with the same content, or fetched once already, is not downloaded again. The
     /// summary line, when anything matched.
-    async fn fetch_outputs(&mut self, tree: &Tree) -> Option<String> {
-        if tree.manifest.outputs.is_empty() {
+    async fn fetch_outputs(&mut self, trees: &[Arc<Tree>]) -> Option<String> {
+        if trees.iter().all(|t| t.manifest.outputs.is_empty()) {
             return None;
         }
         let mut fetched: HashMap<protocol::Digest, PathBuf> = HashMap::new();
         let (mut files, mut bytes, mut listed) = (0u64, 0u64, 0u64);
         let mut budget: u64 = inputs::DEFAULT_MAX;
-        for remote in self.remotes.iter() {
+        let with_outputs = trees.iter().filter(|t| !t.manifest.outputs.is_empty());
+        let pairs: Vec<(&Remote, &Arc<Tree>)> = self
+            .remotes
+            .iter()
+            .flat_map(|r| with_outputs.clone().map(move |t| (r, t)))
+            .collect();
+        for (remote, tree) in pairs {
             let Some(client) = &remote.client else {
                 continue;
             };

@@ -358,8 +358,9 @@ pub enum Unusable {
     Failed(String),
 }
 
-/// Connects to `addr`, authenticates, and uploads the binaries the worker lacks. `key` is the
-/// run's identity: a worker that still holds what this run shipped finds it again.
+/// Connects to `addr`, authenticates, uploads the binaries the worker lacks and has it build
+/// each of `trees` (shipping the files it lacks). `key` is the run's identity: a worker that
+/// still holds what this run shipped finds it again.
 pub async fn prepare(
     addr: &str,
     label: &str,
@@ -367,7 +368,7 @@ pub async fn prepare(
     run_label: &str,
     key: Option<RunKey>,
     binaries: &[Binary],
-    tree: Option<&Tree>,
+    trees: &[std::sync::Arc<Tree>],
 ) -> Result<Ready, Unusable> {
     let started = Instant::now();
     let hello = Hello {
@@ -411,10 +412,13 @@ pub async fn prepare(
             .await?;
         }
     }
-    let (input_files, input_bytes) = match tree {
-        Some(tree) => ship_inputs(&client, addr, tree).await?,
-        None => (0, 0),
-    };
+    // One tree after the other: a file two trees share is found on the worker the second time.
+    let (mut input_files, mut input_bytes) = (0, 0);
+    for tree in trees {
+        let (files, bytes) = ship_inputs(&client, addr, tree).await?;
+        input_files += files;
+        input_bytes += bytes;
+    }
     Ok(Ready {
         label: label.to_owned(),
         client,

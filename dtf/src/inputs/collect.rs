@@ -82,6 +82,9 @@ pub struct Sources {
     pub package_root: PathBuf,
     /// The test binary (its shared libraries are found from it).
     pub binary: PathBuf,
+    /// More test binaries of the same package that run in this tree (`cargo dtf` ships one
+    /// tree per package): the shared libraries they load travel too.
+    pub more_binaries: Vec<PathBuf>,
     /// The target directory (`target/`).
     pub target_dir: Option<PathBuf>,
     /// The profile directory (`target/debug/`), where the package's executables are.
@@ -384,7 +387,15 @@ impl Tree {
             b.ensure_root(tmp);
             b.add_dir(tmp);
         }
-        for library in needed_libraries(&sources.binary, &sources.library_path) {
+        let mut libraries = needed_libraries(&sources.binary, &sources.library_path);
+        for binary in &sources.more_binaries {
+            for library in needed_libraries(binary, &sources.library_path) {
+                if !libraries.contains(&library) {
+                    libraries.push(library);
+                }
+            }
+        }
+        for library in libraries {
             let Some(dir) = library.parent() else {
                 continue;
             };
