@@ -550,8 +550,13 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
             args.build.target.as_deref().unwrap_or_default()
         ));
     }
-    // On workers, each binary's tests see its package's input tree.
-    if let Some(workers) = workers.as_mut() {
+    // On workers, each binary's tests see its package's input tree. `local:N` workers run on
+    // this machine and see the checkout as it is (their caches live in the target directory,
+    // which a shipped tree would cover): nothing travels to them.
+    if let Some(workers) = workers
+        .as_mut()
+        .filter(|w| !matches!(w.workers, dtf::coordinator::WorkersSpec::Local(_)))
+    {
         workers.inputs = package_inputs(&binaries)?;
     }
 
