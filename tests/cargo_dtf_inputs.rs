@@ -10,7 +10,9 @@ use dtf_e2e::{Run, Worker, WorkerConfig, run_bounded, workspace_root};
 
 const LIMIT: Duration = Duration::from_secs(600);
 
-const PACKAGES: &[&str] = &["alpha", "beta"];
+/// Names no other generated workspace uses: cargo names a path package's artifacts by its
+/// name and its path relative to its workspace, and the workspaces share a target directory.
+const PACKAGES: &[&str] = &["carrot", "turnip"];
 
 /// Package `name`: `fixtures/data.txt` says `data of NAME`; the tests of its dtf binary and of
 /// its library's unit tests read it by a relative path (the working directory is the package
@@ -193,10 +195,10 @@ fn every_binary_sees_its_own_package_tree_on_workers_that_cannot_see_the_checkou
     );
 
     // Changing one package's file ships that file alone, and its tests read the new text.
-    let data = ws.root.join("alpha/fixtures/data.txt");
+    let data = ws.root.join("carrot/fixtures/data.txt");
     std::fs::write(&data, "changed\n").unwrap();
     let changed = run();
-    std::fs::write(&data, "data of alpha\n").unwrap();
+    std::fs::write(&data, "data of carrot\n").unwrap();
     assert_eq!(changed.code, Some(101), "{}", changed.dump());
     for test in tests() {
         let failed = changed
@@ -204,7 +206,7 @@ fn every_binary_sees_its_own_package_tree_on_workers_that_cannot_see_the_checkou
             .is_some_and(|r| r.starts_with("FAILED"));
         assert_eq!(
             (passed(&changed, &test), failed),
-            (!test.starts_with("alpha"), test.starts_with("alpha")),
+            (!test.starts_with("carrot"), test.starts_with("carrot")),
             "{test}:\n{}",
             changed.dump()
         );
