@@ -124,7 +124,13 @@ pub fn run_warm_ups() -> Result<(), String> {
 
 /// The number of threads of this process, from `/proc/self/stat`; 0 when unknown.
 fn thread_count() -> usize {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    use std::io::Read;
+    // One read into a buffer that holds any stat line (checked before every fork).
+    let mut buf = [0u8; 4096];
+    let Ok(n) = File::open("/proc/self/stat").and_then(|mut file| file.read(&mut buf)) else {
+        return 0;
+    };
+    let Ok(stat) = std::str::from_utf8(&buf[..n]) else {
         return 0;
     };
     // Field 20 (num_threads), counting from the state after the command's closing paren.
@@ -394,10 +400,22 @@ fn become_per_test(
             std::env::set_var(name, value);
         }
     }
+    let mut result = File::from(result);
+    // The test's directory is made here, in parallel with the runner, rather than by it.
+    if let Some(dir) = &spec.dir {
+        if let Err(message) = super::make_test_dir(dir) {
+            let failure = Some(crate::outcome::Failure::System { message });
+            pertest::write_record(
+                &mut result,
+                &super::Record::Outcome(super::ChildReport { failure }),
+            );
+            pertest::exit_now(0);
+        }
+    }
     if let Some(cwd) = cwd {
         let _ = std::env::set_current_dir(cwd);
     }
-    pertest::run(spec, File::from(result))
+    pertest::run(spec, result)
 }
 
 // ---- messages ----

@@ -68,6 +68,10 @@ pub struct ChildSpec {
     /// coordinator's paths), at every isolation level.
     #[serde(default)]
     pub paths: Option<paths::PathMap>,
+    /// The test's private directory (`HOME` is its `home`, `TMPDIR` its `tmp`), made by the
+    /// spawner if it does not exist yet (see `TestDir`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 /// A program the test process runs in place of a registered test.
@@ -180,6 +184,7 @@ pub struct Sandbox {
     output_cap: usize,
     paths: Option<paths::PathMap>,
     server: Arc<ServerSlot>,
+    dirs: Arc<DirPool>,
 }
 
 /// The fork server of a sandbox: started once, or why not.
@@ -203,6 +208,7 @@ impl Sandbox {
             output_cap: OUTPUT_CAP,
             paths: None,
             server: Arc::default(),
+            dirs: Arc::default(),
         }
     }
 
@@ -301,8 +307,10 @@ impl Sandbox {
 
     async fn run_inner(&self, spec: &RunSpec, started: Instant) -> Result<Attempt, String> {
         let isolated = spec.isolation != Isolation::Process;
+        // A directory a test before left as it found it, or a new one, only named here: the
+        // spawner makes it (in the forked child, off this thread, or before an exec).
         let tmp = if isolated {
-            Some(TestDir::create(&self.tmp_root, &spec.test)?)
+            Some(self.dirs.take(&self.tmp_root)?)
         } else {
             None
         };
@@ -343,6 +351,7 @@ impl Sandbox {
             parent: Some(std::process::id()),
             exec,
             paths: self.paths.clone(),
+            dir: tmp.as_ref().map(|t| t.path().to_path_buf()),
         };
         let mut vars = spec.env.clone();
         if isolated {
@@ -379,7 +388,12 @@ impl Sandbox {
         };
         let mut process = match forked {
             Some(process) => process,
-            None => self.exec(&per_test, &child_spec, &vars, &cwd, spec.capture)?,
+            None => {
+                if let Some(tmp) = &tmp {
+                    make_test_dir(tmp.path())?;
+                }
+                self.exec(&per_test, &child_spec, &vars, &cwd, spec.capture)?
+            }
         };
         // The per-test process leads its own group: its pid is the group id.
         let group = GroupGuard(Some(Pid::from_raw(process.pid)));
@@ -456,8 +470,12 @@ impl Sandbox {
             failure => failure,
         };
         let kept_tmp = match tmp {
-            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep()),
-            _ => None,
+            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep(&spec.test)),
+            Some(tmp) => {
+                self.dirs.give_back(tmp);
+                None
+            }
+            None => None,
         };
         Ok(Attempt {
             failure,
@@ -724,48 +742,65 @@ impl Drop for GroupGuard {
 }
 
 /// A test's private directory: `home/` is `HOME`, `tmp/` is `TMPDIR`. Removed on drop.
-struct TestDir(tempfile::TempDir);
+/// A test's private directory: `home` (its `HOME`) and `tmp` (its `TMPDIR`).
+///
+/// Making and removing three directories costs more than a forked test on some file systems
+/// (on ext4 every removal frees a block, with a discard), so a directory that a test left
+/// exactly as it found it (both empty, nothing else beside them, modes and types intact) goes
+/// back to the sandbox's [`DirPool`] and the next test gets it; anything else is removed and
+/// the next test gets a new one. A test cannot tell a reused directory from a new one.
+#[derive(Debug)]
+struct TestDir(PathBuf);
+
+/// Numbers the test directories of this process (the run directory is its own).
+static TEST_DIRS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl TestDir {
-    fn create(root: &Path, test: &str) -> Result<TestDir, String> {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Whether the directory is as [`make_test_dir`] made it.
+    fn is_pristine(&self) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        let empty = |dir: &Path, entries: usize| {
+            std::fs::read_dir(dir).is_ok_and(|mut list| {
+                (0..entries).all(|_| list.next().is_some_and(|e| e.is_ok()))
+                    && list.next().is_none()
+            })
+        };
+        let private_dir = |dir: &Path| {
+            std::fs::symlink_metadata(dir)
+                .is_ok_and(|m| m.file_type().is_dir() && m.permissions().mode() & 0o7777 == 0o700)
+        };
+        [self.0.clone(), self.home(), self.tmp()]
+            .iter()
+            .all(|dir| private_dir(dir))
+            && empty(&self.0, 2)
+            && empty(&self.home(), 0)
+            && empty(&self.tmp(), 0)
+    }
+
+    fn home(&self) -> PathBuf {
+        self.0.join("home")
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.0.join("tmp")
+    }
+
+    /// Keeps the directory: it moves out of the run directory (which is removed with its
+    /// runner) next to it, and its path is returned.
+    fn keep(mut self, test: &str) -> String {
+        let dir = std::mem::take(&mut self.0);
         let prefix: String = test
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .take(40)
             .collect();
-        std::fs::create_dir_all(root)
-            .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("dtf-{prefix}-"))
-            .tempdir_in(root)
-            .map_err(|e| {
-                format!(
-                    "cannot create a temporary directory in {}: {e}",
-                    root.display()
-                )
-            })?;
-        for sub in ["home", "tmp"] {
-            std::fs::create_dir(dir.path().join(sub))
-                .map_err(|e| format!("cannot create {}: {e}", dir.path().join(sub).display()))?;
-        }
-        Ok(TestDir(dir))
-    }
-
-    fn home(&self) -> PathBuf {
-        self.0.path().join("home")
-    }
-
-    fn tmp(&self) -> PathBuf {
-        self.0.path().join("tmp")
-    }
-
-    /// Keeps the directory: it moves out of the run directory (which is removed with its
-    /// runner) next to it, and its path is returned.
-    fn keep(self) -> String {
-        let dir = self.0.keep();
         let moved = match (dir.parent().and_then(Path::parent), dir.file_name()) {
             (Some(outside), Some(name)) => {
-                let target = outside.join(name);
+                let target = outside.join(format!("dtf-{prefix}-{}", name.to_string_lossy()));
                 match std::fs::rename(&dir, &target) {
                     Ok(()) => target,
                     Err(_) => dir,
@@ -775,6 +810,67 @@ impl TestDir {
         };
         moved.display().to_string()
     }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The test directories of a sandbox that are free for the next test; removed with the
+/// sandbox.
+#[derive(Debug, Default)]
+struct DirPool(std::sync::Mutex<Vec<PathBuf>>);
+
+impl DirPool {
+    /// A free directory, or a new name in `root` (made once) for one.
+    fn take(&self, root: &Path) -> Result<TestDir, String> {
+        if let Some(path) = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(TestDir(path));
+        }
+        if !root.is_dir() {
+            std::fs::create_dir_all(root)
+                .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        }
+        let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
+        Ok(TestDir(root.join(format!("dtf-{}-{n}", std::process::id()))))
+    }
+
+    /// Takes back a test's directory if the test left it pristine; removes it otherwise.
+    fn give_back(&self, mut dir: TestDir) {
+        if dir.is_pristine() {
+            let path = std::mem::take(&mut dir.0);
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(path);
+        }
+    }
+}
+
+impl Drop for DirPool {
+    fn drop(&mut self) {
+        for dir in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Makes a test's private directory, its `home` and its `tmp` (readable by its owner only,
+/// as a temporary directory is).
+pub(crate) fn make_test_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.mode(0o700);
+    for path in [dir.to_path_buf(), dir.join("home"), dir.join("tmp")] {
+        match builder.create(&path) {
+            Ok(()) => {}
+            // A directory the test before left pristine.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+        }
+    }
+    Ok(())
 }
 
 /// A pipe whose read end is non-blocking; both ends close on exec (the write end becomes the
