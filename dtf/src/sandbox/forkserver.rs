@@ -182,9 +182,26 @@ struct Server {
     signals: nix::sys::signalfd::SignalFd,
     /// Live per-test processes: pid → request id.
     running: HashMap<i32, u64>,
+    /// A per-test process forked ahead of its request, waiting for it (see [`Idle`]).
+    idle: Option<Idle>,
     /// Why the server stopped forking, once it has.
     refused: Option<String>,
     buf: Vec<u8>,
+}
+
+/// A child forked before its request came: it waits on its own socket for the request and
+/// the three descriptors, which the server passes on unchanged. The fork (and the child's
+/// first page faults) happen while the previous test runs, not between a request and its
+/// test. It ends, without a test, when the server ends.
+struct Idle {
+    pid: i32,
+    socket: OwnedFd,
+}
+
+/// The part of a request the server reads: the rest is the per-test process's.
+#[derive(Deserialize)]
+struct RequestId {
+    id: u64,
 }
 
 impl Server {
@@ -203,12 +220,14 @@ impl Server {
             socket,
             signals,
             running: HashMap::new(),
+            idle: None,
             refused: None,
             buf: vec![0u8; MAX_MESSAGE],
         }
     }
 
     fn run(mut self) -> ! {
+        self.fork_idle();
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -242,76 +261,114 @@ impl Server {
 
     /// Reads and serves one request; false when the runner is gone.
     fn serve_one(&mut self) -> bool {
-        let (request, fds) = match receive(self.socket.as_fd(), &mut self.buf) {
-            Received::Message(bytes, fds) => match serde_json::from_slice::<Request>(&bytes) {
-                Ok(request) => (request, fds),
-                Err(_) => return true,
-            },
+        let (bytes, fds) = match receive(self.socket.as_fd(), &mut self.buf) {
+            Received::Message(bytes, fds) => (bytes, fds),
             Received::Nothing => return true,
             Received::Closed => return false,
         };
-        let [stdout, stderr, result]: [OwnedFd; 3] = match fds.try_into() {
-            Ok(fds) => fds,
-            Err(_) => return true,
+        let Ok(RequestId { id }) = serde_json::from_slice::<RequestId>(&bytes) else {
+            return true;
         };
-        if self.refused.is_none() {
-            let threads = thread_count();
-            if threads != 1 {
-                self.refused = Some(format!(
-                    "the fork server has {threads} threads (something started a thread before \
-                     main, such as a #[ctor] or a static initialiser), and forking a \
-                     multi-threaded process is not safe"
-                ));
-            }
-        }
-        if let Some(reason) = &self.refused {
-            let reason = reason.clone();
-            send(
-                self.socket.as_fd(),
-                &Message::Refused {
-                    id: request.id,
-                    reason,
-                },
-            );
+        if fds.len() != 3 {
             return true;
         }
-        let mut spec = request.spec;
-        spec.parent = Some(std::process::id());
-        // SAFETY: this process has one thread (checked above); the child becomes the per-test
-        // process, which may run any code.
-        match unsafe { fork() } {
-            Err(e) => {
-                let reason = format!("the fork server cannot fork: {e}");
-                send(
-                    self.socket.as_fd(),
-                    &Message::Refused {
-                        id: request.id,
-                        reason,
-                    },
-                );
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        // The child forked ahead takes it; if it is gone (or none could be forked), a new one.
+        let mut handed = None;
+        for _ in 0..2 {
+            if self.idle.is_none() {
+                self.fork_idle();
             }
-            Ok(ForkResult::Child) => {
-                // The server's descriptors are not the test's. `self` is never dropped in this
-                // process (what follows never returns), so closing them here is final.
-                // SAFETY: both are open descriptors this process owns.
-                unsafe {
-                    libc::close(self.socket.as_raw_fd());
-                    libc::close(self.signals.as_fd().as_raw_fd());
-                }
-                become_per_test(spec, request.env, request.cwd, stdout, stderr, result)
+            let Some(idle) = self.idle.take() else {
+                break;
+            };
+            if send_bytes(idle.socket.as_fd(), &bytes, &raw).is_ok() {
+                handed = Some(idle.pid);
+                break;
             }
-            Ok(ForkResult::Parent { child }) => {
-                self.running.insert(child.as_raw(), request.id);
-                send(
-                    self.socket.as_fd(),
-                    &Message::Started {
-                        id: request.id,
-                        pid: child.as_raw(),
-                    },
-                );
+            // SAFETY: kill(2) on a child of this process; it is reaped by `reap`.
+            unsafe {
+                libc::kill(idle.pid, libc::SIGKILL);
+            }
+        }
+        drop(fds);
+        match handed {
+            Some(pid) => {
+                self.running.insert(pid, id);
+                send(self.socket.as_fd(), &Message::Started { id, pid });
+                // The next test's process, forked while this one runs.
+                self.fork_idle();
+            }
+            None => {
+                let reason = self
+                    .refused
+                    .clone()
+                    .unwrap_or_else(|| "the fork server cannot fork".to_owned());
+                send(self.socket.as_fd(), &Message::Refused { id, reason });
             }
         }
         true
+    }
+
+    /// Forks the next per-test process ahead of its request, unless the server has stopped
+    /// forking (it does when it finds itself with more than one thread).
+    fn fork_idle(&mut self) {
+        if self.refused.is_some() || self.idle.is_some() {
+            return;
+        }
+        let threads = thread_count();
+        if threads != 1 {
+            self.refused = Some(format!(
+                "the fork server has {threads} threads (something started a thread before \
+                 main, such as a #[ctor] or a static initialiser), and forking a \
+                 multi-threaded process is not safe"
+            ));
+            return;
+        }
+        let Ok((ours, theirs)) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ) else {
+            return;
+        };
+        // SAFETY: this process has one thread (checked above); the child becomes the per-test
+        // process, which may run any code.
+        match unsafe { fork() } {
+            Err(e) => self.refused = Some(format!("the fork server cannot fork: {e}")),
+            Ok(ForkResult::Child) => {
+                // The server's descriptors are not the test's. `self` is never dropped in this
+                // process (what follows never returns), so closing them here is final.
+                // SAFETY: all are open descriptors this process owns.
+                unsafe {
+                    libc::close(self.socket.as_raw_fd());
+                    libc::close(self.signals.as_fd().as_raw_fd());
+                    libc::close(ours.as_raw_fd());
+                }
+                std::mem::forget(ours);
+                let (bytes, fds) = match receive(theirs.as_fd(), &mut self.buf) {
+                    Received::Message(bytes, fds) => (bytes, fds),
+                    _ => pertest::exit_now(0),
+                };
+                drop(theirs);
+                let Ok(request) = serde_json::from_slice::<Request>(&bytes) else {
+                    pertest::exit_now(0);
+                };
+                let Ok([stdout, stderr, result]) = <[OwnedFd; 3]>::try_from(fds) else {
+                    pertest::exit_now(0);
+                };
+                let mut spec = request.spec;
+                spec.parent = Some(nix::unistd::getppid().as_raw() as u32);
+                become_per_test(spec, request.env, request.cwd, stdout, stderr, result)
+            }
+            Ok(ForkResult::Parent { child }) => {
+                self.idle = Some(Idle {
+                    pid: child.as_raw(),
+                    socket: ours,
+                });
+            }
+        }
     }
 
     /// Reaps every child that ended. A per-test process's status goes to the runner; after
@@ -329,6 +386,8 @@ impl Server {
             if let Some(id) = self.running.remove(&pid) {
                 sweep |= libc::WIFSIGNALED(status);
                 send(self.socket.as_fd(), &Message::Exited { id, status });
+            } else if self.idle.as_ref().is_some_and(|idle| idle.pid == pid) {
+                self.idle = None;
             }
         }
         if sweep {
@@ -345,7 +404,8 @@ impl Server {
             .split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
         {
-            if !self.running.contains_key(&pid) {
+            let idle = self.idle.as_ref().is_some_and(|idle| idle.pid == pid);
+            if !self.running.contains_key(&pid) && !idle {
                 // SAFETY: kill(2) on a child of this process; it is reaped by `reap`.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
@@ -360,6 +420,13 @@ impl Server {
             // SAFETY: killpg(2) on the group a per-test process leads.
             unsafe {
                 libc::killpg(pid, libc::SIGKILL);
+            }
+        }
+        if let Some(idle) = &self.idle {
+            // SAFETY: kill(2) on a child of this process (it would also end on its own, once
+            // its socket closes).
+            unsafe {
+                libc::kill(idle.pid, libc::SIGKILL);
             }
         }
         pertest::exit_now(0)

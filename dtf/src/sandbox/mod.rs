@@ -836,7 +836,9 @@ impl DirPool {
                 .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
         }
         let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
-        Ok(TestDir(root.join(format!("dtf-{}-{n}", std::process::id()))))
+        Ok(TestDir(
+            root.join(format!("dtf-{}-{n}", std::process::id())),
+        ))
     }
 
     /// Takes back a test's directory if the test left it pristine; removes it otherwise.
@@ -850,7 +852,12 @@ impl DirPool {
 
 impl Drop for DirPool {
     fn drop(&mut self) {
-        for dir in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for dir in self
+            .0
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
