@@ -39,6 +39,8 @@ pub const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("test-threads", "RUST_TEST_THREADS", Kind::Count),
     ("workers", "DTF_WORKERS", Kind::Text),
     ("require-workers", "DTF_REQUIRE_WORKERS", Kind::Bool),
+    ("worker-wait", "DTF_WORKER_WAIT", Kind::Duration),
+    ("workers-refresh", "DTF_WORKERS_REFRESH", Kind::Duration),
     ("order", "DTF_ORDER", Kind::Order),
     ("junit.path", "DTF_JUNIT", Kind::Path),
     ("html.path", "DTF_HTML", Kind::Path),
@@ -80,6 +82,9 @@ pub enum Kind {
     List,
     /// A size of captured output, such as `"1MiB"`, at most 6 MiB.
     OutputCap,
+    /// A duration: whole seconds (`30`, `0`) or a string such as `"500ms"` or `"2m"`, spelled
+    /// the same way in the variable.
+    Duration,
 }
 
 /// Per-test settings: what a profile or an override sets for the tests it applies to.
@@ -457,6 +462,33 @@ impl File<'_> {
         })
     }
 
+    /// Whole seconds (an integer, 0 allowed) or a duration string, as the variable spells it.
+    fn duration(&self, value: &Value<'_>, key: &str) -> Result<String, ConfigError> {
+        let bad = || {
+            self.error(
+                value.span().start,
+                key,
+                "expected whole seconds (such as 60 or 0) or a duration (such as \"500ms\" or \"2m\")",
+            )
+        };
+        match value.get_ref() {
+            DeValue::Integer(int) => {
+                let n = u64::from_str_radix(&int.as_str().replace('_', ""), int.radix())
+                    .map_err(|_| bad())?;
+                Ok(n.to_string())
+            }
+            DeValue::String(text) => {
+                let text = text.trim();
+                if text.parse::<u64>().is_ok() {
+                    return Ok(text.to_owned());
+                }
+                cli::parse_duration(text).map_err(|e| self.error(value.span().start, key, &e))?;
+                Ok(text.to_owned())
+            }
+            _ => Err(bad()),
+        }
+    }
+
     fn parsed<T>(
         &self,
         value: &Value<'_>,
@@ -640,6 +672,7 @@ impl File<'_> {
                 text
             }
             Kind::Bool => if self.bool(v, key)? { "1" } else { "0" }.to_owned(),
+            Kind::Duration => self.duration(v, key)?,
             Kind::Order => {
                 let text = self.string(v, key)?;
                 text.parse::<Order>()
@@ -796,5 +829,49 @@ max-threads = 1
         assert!(e.contains("/w/.config/dtf.toml:1: invalid TOML"), "{e}");
         let e = Config::parse("", path, "nope").unwrap_err().0;
         assert!(e.contains("there is no profile `nope`"), "{e}");
+    }
+
+    #[test]
+    fn worker_wait_and_refresh_take_seconds_or_durations() {
+        let path = Path::new("/w/.config/dtf.toml");
+        let text = "[profile.default]\nworker-wait = 0\nworkers-refresh = \"200ms\"\nrequire-workers = true\n\n[profile.ci]\nworker-wait = \"2m\"\n";
+        let d = Config::parse(text, path, "default").unwrap();
+        assert!(d.profile.env.contains(&("DTF_WORKER_WAIT", "0".to_owned())));
+        assert!(
+            d.profile
+                .env
+                .contains(&("DTF_WORKERS_REFRESH", "200ms".to_owned()))
+        );
+        assert!(
+            d.profile
+                .env
+                .contains(&("DTF_REQUIRE_WORKERS", "1".to_owned()))
+        );
+        // A profile's value wins over default's; default's fills the rest.
+        let ci = Config::parse(text, path, "ci").unwrap();
+        let wait: Vec<&String> = ci
+            .profile
+            .env
+            .iter()
+            .filter(|(var, _)| *var == "DTF_WORKER_WAIT")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(wait, ["2m"]);
+        assert!(
+            ci.profile
+                .env
+                .contains(&("DTF_WORKERS_REFRESH", "200ms".to_owned()))
+        );
+        let err = |text: &str| Config::parse(text, path, "default").unwrap_err().0;
+        for bad in [
+            "worker-wait = \"soon\"",
+            "worker-wait = -1",
+            "workers-refresh = true",
+        ] {
+            let e = err(&format!("[profile.default]\n{bad}\n"));
+            assert!(e.contains(":2: `profile.default.worker"), "{bad}: {e}");
+        }
+        let e = err("[[profile.default.overrides]]\nfilter = \"all()\"\nworker-wait = 1\n");
+        assert!(e.contains("applies to the whole run"), "{e}");
     }
 }
