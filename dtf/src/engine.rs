@@ -123,16 +123,22 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
         reporters.test_finished(report);
         summary.add(report);
     }
-    let (reports, ending) = match &workers {
+    // A distributed run may fail for a reason of its own (every worker lost with
+    // `DTF_REQUIRE_WORKERS=1`): it still ends like a failed run, with its summary and reports.
+    let (reports, ending, failed) = match &workers {
         #[cfg(feature = "distributed")]
         Some(workers) => {
             let outcome = coordinator::run(&plan, order, &sandboxes, workers, reporters).await?;
             summary.notes.extend(outcome.notes);
-            (outcome.reports, outcome.ending)
+            (outcome.reports, outcome.ending, outcome.failure.is_some())
         }
         #[cfg(not(feature = "distributed"))]
         Some(never) => match *never {},
-        None => runner::run_local(&plan, order, &sandboxes, &local, reporters).await,
+        None => {
+            let (reports, ending) =
+                runner::run_local(&plan, order, &sandboxes, &local, reporters).await;
+            (reports, ending, false)
+        }
     };
     for sandbox in &sandboxes {
         sandbox.stop_fork_server().await;
@@ -147,7 +153,7 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
     }
     let code = match ending {
         Ending::Interrupted(signal) => 128 + signal,
-        Ending::Completed if summary.success(flaky_fails) => 0,
+        Ending::Completed if !failed && summary.success(flaky_fails) => 0,
         Ending::Completed => EXIT_FAILED,
     };
     let mut all = not_running;

@@ -29,6 +29,7 @@
 //! [`MAX_WORKER_LOSSES`]: crate::scheduler::MAX_WORKER_LOSSES
 
 pub mod local;
+pub mod room;
 pub mod workers;
 
 use std::collections::{HashMap, HashSet};
@@ -202,6 +203,10 @@ pub struct Outcome {
     pub ending: Ending,
     /// Lines for the summary: workers used, bytes shipped, workers lost, local fallback.
     pub notes: Vec<String>,
+    /// Why the run failed whatever its tests did (every worker lost, none came back within
+    /// `DTF_WORKER_WAIT`, and `DTF_REQUIRE_WORKERS=1`): the tests that finished are in
+    /// `reports`, the others are reported as not run, and the run exits 101.
+    pub failure: Option<String>,
 }
 
 /// Runs `plan` on the workers `options` names, falling back to `sandboxes` (local runs) when
@@ -407,6 +412,7 @@ async fn run_on(
             reports,
             ending,
             notes,
+            failure: None,
         });
     }
 
@@ -449,11 +455,10 @@ async fn run_on(
         dispatcher.discover(entries);
     }
     let ending = dispatcher.run(reporters).await;
-    if let Some(fatal) = dispatcher.fatal.take() {
-        return Err(Error::Workers(fatal));
-    }
-    if let Some(line) = dispatcher.fetch_outputs(&trees).await {
-        notes.push(line);
+    if dispatcher.fatal.is_none() {
+        if let Some(line) = dispatcher.fetch_outputs(&trees).await {
+            notes.push(line);
+        }
     }
     dispatcher.finish().await;
     notes.extend(dispatcher.notes());
@@ -461,6 +466,7 @@ async fn run_on(
         reports: dispatcher.reports,
         ending,
         notes,
+        failure: dispatcher.fatal,
     })
 }
 
@@ -615,6 +621,16 @@ enum Target {
     Local,
 }
 
+impl Target {
+    /// Its position in the run's [`room::Loads`]: the local slots first, then each worker.
+    fn index(self) -> usize {
+        match self {
+            Target::Local => 0,
+            Target::Remote(i) => i + 1,
+        }
+    }
+}
+
 /// What the tasks tell the dispatch loop.
 enum Event {
     /// A run request ended: the attempt, or the worker declined it, or the call failed.
@@ -712,6 +728,8 @@ impl Remote {
 struct InFlight {
     job: Job,
     target: Target,
+    /// Slots it takes there.
+    threads: usize,
     abort: AbortHandle,
 }
 
@@ -726,6 +744,8 @@ struct Dispatcher<'a> {
     scheduler: Scheduler,
     remotes: Vec<Remote>,
     in_flight: HashMap<u64, InFlight>,
+    /// Slots taken on each target by the requests in `in_flight`.
+    loads: room::Loads,
     next_id: u64,
     started: HashSet<usize>,
     running_since: HashMap<usize, (Instant, bool)>,
@@ -738,6 +758,8 @@ struct Dispatcher<'a> {
     no_worker_since: Option<Instant>,
     /// Why the run failed (no worker came back and `DTF_REQUIRE_WORKERS=1`).
     fatal: Option<String>,
+    /// The tests reported as not run because of `fatal`.
+    not_run: Vec<usize>,
     discovery: Option<AbortHandle>,
     reports: Vec<TestReport>,
     tx: mpsc::UnboundedSender<Event>,
@@ -769,6 +791,7 @@ impl<'a> Dispatcher<'a> {
             scheduler: Scheduler::with_limits(order, &retries, plan.limits()),
             remotes: Vec::new(),
             in_flight: HashMap::new(),
+            loads: room::Loads::default(),
             next_id: 1,
             started: HashSet::new(),
             running_since: HashMap::new(),
@@ -778,6 +801,7 @@ impl<'a> Dispatcher<'a> {
             lost: Vec::new(),
             no_worker_since: None,
             fatal: None,
+            not_run: Vec::new(),
             discovery: None,
             reports: Vec::new(),
             tx,
@@ -1012,10 +1036,14 @@ impl<'a> Dispatcher<'a> {
             )
         };
         if self.options.require {
-            self.fatal = Some(format!(
+            let message = format!(
                 "every worker is lost ({names}){within}, and {REQUIRE_VAR}=1 forbids running the tests locally"
-            ));
-            self.stop(reporters);
+            );
+            eprintln!(
+                "dtf: error: {message}; the tests that did not finish are reported as not run"
+            );
+            self.fatal = Some(message);
+            self.not_run = self.stop(reporters);
             return;
         }
         self.local_mode = true;
@@ -1026,6 +1054,11 @@ impl<'a> Dispatcher<'a> {
 
     /// Starts attempts while some target has room.
     fn fill(&mut self, reporters: &mut Reporters) {
+        debug_assert_eq!(
+            self.loads.total(),
+            self.in_flight.values().map(|f| f.threads).sum::<usize>(),
+            "the loads follow the requests in flight"
+        );
         loop {
             if self.options.slots == 1 && !self.in_flight.is_empty() {
                 return; // one test at a time, as --test-threads=1 asks
@@ -1045,13 +1078,16 @@ impl<'a> Dispatcher<'a> {
             };
             // Unless another target fits it and has not failed it already.
             let threads = self.scheduler.threads_of(job.test);
-            let target = self
-                .target_for(Some(job.test))
-                .filter(|&t| {
-                    let load = self.load(t);
-                    load == 0 || load + threads <= self.capacity(t)
-                })
-                .unwrap_or(any);
+            let target = if self.avoid.contains_key(&job.test) {
+                self.target_for(Some(job.test))
+                    .filter(|&t| {
+                        let load = self.load(t);
+                        load == 0 || load + threads <= self.capacity(t)
+                    })
+                    .unwrap_or(any)
+            } else {
+                any
+            };
             self.dispatch(job, target, reporters);
         }
     }
@@ -1077,11 +1113,20 @@ impl<'a> Dispatcher<'a> {
 
     /// Slots taken on `target` by the requests in flight there.
     fn load(&self, target: Target) -> usize {
-        self.in_flight
-            .values()
-            .filter(|f| f.target == target)
-            .map(|f| self.scheduler.threads_of(f.job.test))
-            .sum()
+        self.loads.get(target.index())
+    }
+
+    /// Records request `id` as in flight.
+    fn add_flight(&mut self, id: u64, flight: InFlight) {
+        self.loads.add(flight.target.index(), flight.threads);
+        self.in_flight.insert(id, flight);
+    }
+
+    /// Takes request `id` out of the requests in flight.
+    fn take_flight(&mut self, id: u64) -> Option<InFlight> {
+        let flight = self.in_flight.remove(&id)?;
+        self.loads.remove(flight.target.index(), flight.threads);
+        Some(flight)
     }
 
     fn targets(&self) -> impl Iterator<Item = Target> + '_ {
@@ -1094,16 +1139,20 @@ impl<'a> Dispatcher<'a> {
     /// not failed this test with an infrastructure failure.
     fn target_for(&self, test: Option<usize>) -> Option<Target> {
         let avoid = test.and_then(|test| self.avoid.get(&test));
-        self.targets()
-            .filter(|&t| self.load(t) < self.capacity(t))
-            .min_by_key(|&t| {
-                let avoided = match t {
-                    Target::Remote(i) => avoid.is_some_and(|a| a.contains(&i)),
-                    Target::Local => false,
-                };
-                // Fill ratio in thousandths: lower is emptier.
-                (avoided, self.load(t) * 1000 / self.capacity(t).max(1))
-            })
+        let rooms = self.targets().map(|t| room::Room {
+            load: self.load(t),
+            capacity: self.capacity(t),
+            avoided: match t {
+                Target::Remote(i) => avoid.is_some_and(|a| a.contains(&i)),
+                Target::Local => false,
+            },
+        });
+        let i = room::emptiest(rooms)?;
+        Some(if i == self.remotes.len() {
+            Target::Local
+        } else {
+            Target::Remote(i)
+        })
     }
 
     fn dispatch(&mut self, job: Job, target: Target, reporters: &mut Reporters) {
@@ -1153,11 +1202,13 @@ impl<'a> Dispatcher<'a> {
                 })
             }
         };
-        self.in_flight.insert(
+        let threads = self.scheduler.threads_of(job.test);
+        self.add_flight(
             id,
             InFlight {
                 job,
                 target,
+                threads,
                 abort: handle.abort_handle(),
             },
         );
@@ -1266,7 +1317,7 @@ impl<'a> Dispatcher<'a> {
             }
             Event::Done { target, id, result } => {
                 // A request of a worker already declared lost was requeued: ignore its answer.
-                let Some(flight) = self.in_flight.remove(&id) else {
+                let Some(flight) = self.take_flight(id) else {
                     return;
                 };
                 let job = flight.job;
@@ -1300,7 +1351,7 @@ impl<'a> Dispatcher<'a> {
                             RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_) => {
                                 // The connection is gone: the worker is lost, and with it this
                                 // and every other request in flight there.
-                                self.in_flight.insert(id, flight);
+                                self.add_flight(id, flight);
                                 let reason = format!("its connection failed ({e})");
                                 self.lose(i, reason, reporters);
                                 return;
@@ -1383,7 +1434,7 @@ impl<'a> Dispatcher<'a> {
         ));
         self.remotes[i].warned = true;
         for id in ids {
-            let Some(flight) = self.in_flight.remove(&id) else {
+            let Some(flight) = self.take_flight(id) else {
                 continue;
             };
             flight.abort.abort();
@@ -1401,13 +1452,14 @@ impl<'a> Dispatcher<'a> {
     }
 
     /// Stops the run: nothing more starts, requests in flight are cancelled (the workers kill
-    /// those tests), and the rest is reported as not run.
-    fn stop(&mut self, reporters: &mut Reporters) {
+    /// those tests), and the rest is reported as not run. The tests so reported.
+    fn stop(&mut self, reporters: &mut Reporters) -> Vec<usize> {
         let mut not_run = self.scheduler.stop();
         for (_, flight) in self.in_flight.drain() {
             flight.abort.abort();
             not_run.push(flight.job.test);
         }
+        self.loads.clear();
         not_run.sort_unstable();
         not_run.dedup();
         let reported: HashSet<&str> = self.reports.iter().map(|r| r.name.as_str()).collect();
@@ -1415,7 +1467,7 @@ impl<'a> Dispatcher<'a> {
             .into_iter()
             .filter(|&t| !reported.contains(self.plan.tests[t].name.as_str()))
             .collect();
-        for test in not_run {
+        for &test in &not_run {
             let report = TestReport {
                 name: self.plan.tests[test].name.clone(),
                 status: Status::NotRun,
@@ -1424,6 +1476,7 @@ impl<'a> Dispatcher<'a> {
             };
             self.report(report, reporters);
         }
+        not_run
     }
 
     fn slow_notices(&mut self, reporters: &mut Reporters) {
@@ -1587,8 +1640,41 @@ impl<'a> Dispatcher<'a> {
                 if self.ran_locally == 1 { "" } else { "s" }
             ));
         }
+        if let Some(fatal) = &self.fatal {
+            let names: Vec<&str> = self
+                .not_run
+                .iter()
+                .map(|&t| self.plan.tests[t].name.as_str())
+                .collect();
+            notes.push(format!("dtf: error: {fatal}"));
+            notes.push(not_run_line(&names, "every worker was lost"));
+        }
         notes
     }
+}
+
+/// The most test names [`not_run_line`] lists.
+const NOT_RUN_NAMES: usize = 20;
+
+/// `dtf: 3 tests not run (every worker was lost): a, b, c`, naming at most
+/// [`NOT_RUN_NAMES`] of them.
+fn not_run_line(names: &[&str], why: &str) -> String {
+    let shown: Vec<String> = names
+        .iter()
+        .take(NOT_RUN_NAMES)
+        .map(|n| crate::outcome::escape_control(n))
+        .collect();
+    let more = match names.len().saturating_sub(NOT_RUN_NAMES) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!(
+        "dtf: {} test{} not run ({why}){}{}{more}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        if names.is_empty() { "" } else { ": " },
+        shown.join(", "),
+    )
 }
 
 /// How long telling a worker the run is over may take.
@@ -1838,6 +1924,27 @@ mod tests {
         assert_eq!(ms(2, 1.0), 1250);
         assert_eq!(ms(40, 1.0), 6250);
         assert_eq!(ms(u32::MAX, 7.0), 6250);
+    }
+
+    #[test]
+    fn tests_not_run_are_counted_and_named_up_to_a_bound() {
+        assert_eq!(
+            not_run_line(&["a", "b"], "why"),
+            "dtf: 2 tests not run (why): a, b"
+        );
+        assert_eq!(not_run_line(&[], "why"), "dtf: 0 tests not run (why)");
+        let many: Vec<String> = (0..25).map(|i| format!("t{i}")).collect();
+        let names: Vec<&str> = many.iter().map(String::as_str).collect();
+        let line = not_run_line(&names, "why");
+        assert!(
+            line.starts_with("dtf: 25 tests not run (why): t0, t1,"),
+            "{line}"
+        );
+        assert!(line.ends_with("t19 and 5 more"), "{line}");
+        assert_eq!(
+            not_run_line(&["bad\u{1b}[2Jname"], "w"),
+            "dtf: 1 test not run (w): bad\\u{1b}[2Jname"
+        );
     }
 
     #[test]
