@@ -188,18 +188,30 @@ fn dtf_worker_drain_is_authenticated_and_drains_like_sigterm() {
 
 #[test]
 fn with_every_worker_killed_and_workers_required_no_test_runs_locally() {
-    let mut w = Worker::start_with(WorkerConfig {
+    let mut a = Worker::start_with(WorkerConfig {
+        slots: 1,
+        ..WorkerConfig::default()
+    });
+    let mut b = Worker::start_with(WorkerConfig {
         slots: 1,
         ..WorkerConfig::default()
     });
     let out = tempfile::tempdir().expect("dir");
-    let mut cmd = w.command(&fixture());
+    let junit = out.path().join("junit.xml");
+    let mut cmd = workers_command(&fixture(), &[&a, &b]);
     sleepers(&mut cmd, 700, out.path());
-    cmd.env("DTF_REQUIRE_WORKERS", "1")
+    cmd.arg("--junit")
+        .arg(&junit)
+        .env("DTF_REQUIRE_WORKERS", "1")
         .env("DTF_WORKER_WAIT", "1");
     let mut run = Background::start(&mut cmd);
-    assert!(eventually(MINUTE, || !recorded_pids(out.path()).is_empty()));
-    w.kill();
+    // Kill both workers (SIGKILL) once some test has finished and others have not.
+    assert!(
+        eventually(MINUTE, || run.output().0.contains("... ok")),
+        "no test finished"
+    );
+    a.kill();
+    b.kill();
     // Every test that ever starts records its pid: after the kill, none may start here.
     let before = recorded_pids(out.path());
     let code = run.wait(MINUTE);
@@ -216,6 +228,67 @@ fn with_every_worker_killed_and_workers_required_no_test_runs_locally() {
         "a test started after every worker was gone\n{stdout}\n{stderr}"
     );
     assert!(!stdout.contains("ran locally"), "{stdout}");
+    // It ends like any failed run: the results so far, the rest not run, the summary, JUnit.
+    let finished: Vec<String> = results(&stdout)
+        .into_iter()
+        .filter(|(_, r)| r == "ok")
+        .map(|(name, _)| name)
+        .collect();
+    assert!(!finished.is_empty() && finished.len() < 6, "{stdout}");
+    let not_run = 6 - finished.len();
+    assert!(
+        stdout.contains("test result: FAILED.") && stdout.contains(&format!("; {not_run} not run")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "dtf: {not_run} test{} not run (every worker was lost): dist_sleep_",
+            if not_run == 1 { "" } else { "s" }
+        )),
+        "{stdout}"
+    );
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file is written");
+    let doc = junit_cases(&xml);
+    assert_eq!(doc.len(), 6, "{xml}");
+    for (name, skipped) in &doc {
+        assert_eq!(
+            *skipped,
+            !finished.contains(name),
+            "{name}: skipped only when it did not finish\n{xml}"
+        );
+    }
+}
+
+/// `(name, skipped)` of every `<testcase>` of a JUnit document, with quick-xml.
+fn junit_cases(xml: &str) -> Vec<(String, bool)> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut cases = Vec::new();
+    let mut current: Option<String> = None;
+    for _ in 0..1_000_000 {
+        match reader.read_event().expect("well-formed XML") {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"testcase" => {
+                let name = e
+                    .attributes()
+                    .flatten()
+                    .find(|a| a.key.as_ref() == b"name")
+                    .map(|a| String::from_utf8_lossy(&a.value).into_owned())
+                    .expect("a testcase has a name");
+                cases.push((name.clone(), false));
+                current = Some(name);
+            }
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"skipped" => {
+                assert!(current.is_some(), "<skipped> outside a testcase");
+                if let Some(last) = cases.last_mut() {
+                    last.1 = true;
+                }
+            }
+            Event::End(e) if e.name().as_ref() == b"testcase" => current = None,
+            Event::Eof => return cases,
+            _ => {}
+        }
+    }
+    panic!("the JUnit document does not end")
 }
 
 /// Runs `cmd` with `hosts` bind-mounted over `/etc/hosts`, in a mount namespace of its own.
