@@ -97,12 +97,35 @@ fn a_worker_restarted_mid_run_runs_tests_again_in_that_run() {
     );
 }
 
+/// The status code of `GET path` on a worker's HTTP endpoint; `None` when it does not answer.
+fn http_code(addr: &str, path: &str) -> Option<u16> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: worker\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    String::from_utf8_lossy(&response)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 #[test]
 fn sigterm_drains_a_worker_its_running_tests_finish_there_and_it_exits_0() {
     let mut a = Worker::start_with(WorkerConfig {
         slots: 2,
+        args: vec!["--http".into(), "127.0.0.1:0".into()],
         ..WorkerConfig::default()
     });
+    let http = a.http.clone().expect("an HTTP address");
+    assert_eq!(
+        http_code(&http, "/readyz"),
+        Some(200),
+        "ready before the drain"
+    );
     let b = Worker::start_with(WorkerConfig {
         slots: 2,
         ..WorkerConfig::default()
@@ -129,6 +152,24 @@ fn sigterm_drains_a_worker_its_running_tests_finish_there_and_it_exits_0() {
     }
     assert!(!running.is_empty(), "no test ran on the worker");
     a.signal(Signal::SIGTERM);
+    // While its tests finish, the draining worker is alive but not ready.
+    let asked = Instant::now();
+    let mut readiness = None;
+    while asked.elapsed() < Duration::from_secs(5) {
+        readiness = http_code(&http, "/readyz");
+        if readiness != Some(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(readiness, Some(503), "not ready while draining");
+    let health = http_code(&http, "/healthz");
+    assert!(
+        !a.log().contains("drained: no test is running"),
+        "the probes came after the drain ended: lengthen the tests\n{}",
+        a.log()
+    );
+    assert_eq!(health, Some(200), "alive while draining");
     let exit = a.wait_exit(MINUTE);
     let log = a.log();
     assert_eq!(exit, Some(0), "the drained worker exits 0\n{log}");
