@@ -370,10 +370,20 @@ fn a_workspace_is_one_run_with_one_report_and_the_outcomes_of_cargo_test() {
 #[test]
 fn filters_partitions_repeat_and_rerun_failed() {
     let ws = workspace();
+    // The history partitions read a snapshot of the history: the other tests of this file
+    // share the target directory, and their runs rewrite it between the three calls.
+    let snapshot = tempfile::tempdir().expect("dir");
+    if let Ok(files) = std::fs::read_dir(ws.target.join("debug/dtf-history")) {
+        for file in files.flatten() {
+            std::fs::copy(file.path(), snapshot.path().join(file.file_name())).expect("copy");
+        }
+    }
     let list = |args: &[&str]| -> (Option<i32>, Vec<String>, String) {
         let mut all = vec!["list", "--workspace", "--exclude", "delta"];
         all.extend_from_slice(args);
-        let run = run_bounded(&mut ws.cargo_dtf(&all), LIMIT);
+        let mut cmd = ws.cargo_dtf(&all);
+        cmd.env("DTF_HISTORY_DIR", snapshot.path());
+        let run = run_bounded(&mut cmd, LIMIT);
         (
             run.code,
             run.stdout.lines().map(str::to_owned).collect(),
