@@ -310,7 +310,7 @@ impl Sandbox {
         // A directory a test before left as it found it, or a new one, only named here: the
         // spawner makes it (in the forked child, off this thread, or before an exec).
         let tmp = if isolated {
-            Some(self.dirs.take(&self.tmp_root)?)
+            Some(self.dirs.take(&self.tmp_root, &spec.test)?)
         } else {
             None
         };
@@ -470,7 +470,7 @@ impl Sandbox {
             failure => failure,
         };
         let kept_tmp = match tmp {
-            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep(&spec.test)),
+            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep()),
             Some(tmp) => {
                 self.dirs.give_back(tmp);
                 None
@@ -747,7 +747,8 @@ impl Drop for GroupGuard {
 /// Making and removing three directories costs more than a forked test on some file systems
 /// (on ext4 every removal frees a block, with a discard), so a directory that a test left
 /// exactly as it found it (both empty, nothing else beside them, modes and types intact) goes
-/// back to the sandbox's [`DirPool`] and the next test gets it; anything else is removed and
+/// back to the sandbox's [`DirPool`] and the next test gets it, renamed after that test; anything
+/// else is removed and
 /// the next test gets a new one. A test cannot tell a reused directory from a new one.
 #[derive(Debug)]
 struct TestDir(PathBuf);
@@ -791,16 +792,11 @@ impl TestDir {
 
     /// Keeps the directory: it moves out of the run directory (which is removed with its
     /// runner) next to it, and its path is returned.
-    fn keep(mut self, test: &str) -> String {
+    fn keep(mut self) -> String {
         let dir = std::mem::take(&mut self.0);
-        let prefix: String = test
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .take(40)
-            .collect();
         let moved = match (dir.parent().and_then(Path::parent), dir.file_name()) {
             (Some(outside), Some(name)) => {
-                let target = outside.join(format!("dtf-{prefix}-{}", name.to_string_lossy()));
+                let target = outside.join(name);
                 match std::fs::rename(&dir, &target) {
                     Ok(()) => target,
                     Err(_) => dir,
@@ -826,19 +822,22 @@ impl Drop for TestDir {
 struct DirPool(std::sync::Mutex<Vec<PathBuf>>);
 
 impl DirPool {
-    /// A free directory, or a new name in `root` (made once) for one.
-    fn take(&self, root: &Path) -> Result<TestDir, String> {
-        if let Some(path) = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return Ok(TestDir(path));
-        }
+    /// A directory for `test`, named after it: a free one renamed (one cheap call), or a new
+    /// name in `root` (made once) for one.
+    fn take(&self, root: &Path, test: &str) -> Result<TestDir, String> {
         if !root.is_dir() {
             std::fs::create_dir_all(root)
                 .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
         }
         let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
-        Ok(TestDir(
-            root.join(format!("dtf-{}-{n}", std::process::id())),
-        ))
+        let path = root.join(format!("dtf-{}-{n}", file_name_part(test)));
+        let free = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(free) = free {
+            if std::fs::rename(&free, &path).is_err() {
+                let _ = std::fs::remove_dir_all(&free);
+            }
+        }
+        Ok(TestDir(path))
     }
 
     /// Takes back a test's directory if the test left it pristine; removes it otherwise.
@@ -861,6 +860,15 @@ impl Drop for DirPool {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// A test's name as part of a file name: ASCII letters and digits, `_` for the rest, at most
+/// 40 characters.
+fn file_name_part(test: &str) -> String {
+    test.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(40)
+        .collect()
 }
 
 /// Makes a test's private directory, its `home` and its `tmp` (readable by its owner only,
