@@ -471,12 +471,7 @@ fn become_per_test(
     // The test's directory is made here, in parallel with the runner, rather than by it.
     if let Some(dir) = &spec.dir {
         if let Err(message) = super::make_test_dir(dir) {
-            let failure = Some(crate::outcome::Failure::System { message });
-            pertest::write_record(
-                &mut result,
-                &super::Record::Outcome(super::ChildReport { failure }),
-            );
-            pertest::exit_now(0);
+            pertest::fail_setup(&mut result, message);
         }
     }
     if let Some(cwd) = cwd {

@@ -741,15 +741,14 @@ impl Drop for GroupGuard {
     }
 }
 
-/// A test's private directory: `home/` is `HOME`, `tmp/` is `TMPDIR`. Removed on drop.
-/// A test's private directory: `home` (its `HOME`) and `tmp` (its `TMPDIR`).
+/// A test's private directory: `home` (its `HOME`) and `tmp` (its `TMPDIR`). Removed on drop.
 ///
 /// Making and removing three directories costs more than a forked test on some file systems
 /// (on ext4 every removal frees a block, with a discard), so a directory that a test left
 /// exactly as it found it (both empty, nothing else beside them, modes and types intact) goes
-/// back to the sandbox's [`DirPool`] and the next test gets it, renamed after that test; anything
-/// else is removed and
-/// the next test gets a new one. A test cannot tell a reused directory from a new one.
+/// back to the sandbox's [`DirPool`] and the next test gets it, renamed after that test;
+/// anything else is removed and the next test gets a new one. A test cannot tell a reused
+/// directory from a new one.
 #[derive(Debug)]
 struct TestDir(PathBuf);
 
@@ -825,17 +824,18 @@ impl DirPool {
     /// A directory for `test`, named after it: a free one renamed (one cheap call), or a new
     /// name in `root` (made once) for one.
     fn take(&self, root: &Path, test: &str) -> Result<TestDir, String> {
-        if !root.is_dir() {
-            std::fs::create_dir_all(root)
-                .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-        }
         let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
         let path = root.join(format!("dtf-{}-{n}", file_name_part(test)));
         let free = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
         if let Some(free) = free {
-            if std::fs::rename(&free, &path).is_err() {
-                let _ = std::fs::remove_dir_all(&free);
+            if std::fs::rename(&free, &path).is_ok() {
+                return Ok(TestDir(path));
             }
+            let _ = std::fs::remove_dir_all(&free);
+        }
+        if !root.is_dir() {
+            std::fs::create_dir_all(root)
+                .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
         }
         Ok(TestDir(path))
     }

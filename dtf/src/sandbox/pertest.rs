@@ -127,13 +127,7 @@ pub fn run(spec: ChildSpec, report: File) -> ! {
 impl Relay {
     /// Reports a failure to set up the test and ends.
     fn fail(&mut self, message: String) -> ! {
-        write_record(
-            &mut self.report,
-            &Record::Outcome(ChildReport {
-                failure: Some(Failure::System { message }),
-            }),
-        );
-        exit_now(0)
+        fail_setup(&mut self.report, message)
     }
 
     /// Starts the test process as a child and waits for it, reaping orphans as they end.
@@ -241,6 +235,14 @@ fn read_all(mut file: File) -> Vec<u8> {
             Err(_) => return out,
         }
     }
+}
+
+/// Reports on `report` that the test could not be set up (a system failure) and ends this
+/// process.
+pub fn fail_setup(report: &mut File, message: String) -> ! {
+    let failure = Some(Failure::System { message });
+    write_record(report, &Record::Outcome(ChildReport { failure }));
+    exit_now(0)
 }
 
 /// Writes one record as a JSON line (one `write(2)`, well under the pipe's buffer).
