@@ -7,6 +7,9 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+
+use nix::libc;
 
 use super::{CHILD_VAR, ChildReport, ChildSpec, Exec, Record, forkserver, pertest};
 use crate::outcome::Failure;
@@ -50,23 +53,31 @@ pub fn run_test_process(spec: &ChildSpec, mut report: File) -> ! {
         Some(exec) => Some(Failure::System {
             message: exec_program(exec),
         }),
-        // Started by exec, this process has not run the warm-ups yet (forked from the fork
-        // server, it has, and this does nothing).
-        None => match forkserver::run_warm_ups().and_then(|()| {
-            Registry::find(&spec.test).ok_or_else(|| {
-                format!(
-                    "no test named `{}` in this binary (was it built from other sources?)",
-                    spec.test
-                )
-            })
-        }) {
-            Ok(def) => run_test(&spec.test, def),
-            Err(message) => Some(Failure::System { message }),
-        },
+        None => registered_test_failure(&spec.test),
     };
+    report_and_exit(&mut report, failure)
+}
+
+/// Runs the registered test `name` in this process (on its own thread) and judges it.
+pub fn registered_test_failure(name: &str) -> Option<Failure> {
+    // Started by exec, this process has not run the warm-ups yet (forked from the fork
+    // server, it has, and this does nothing).
+    match forkserver::run_warm_ups().and_then(|()| {
+        Registry::find(name).ok_or_else(|| {
+            format!("no test named `{name}` in this binary (was it built from other sources?)")
+        })
+    }) {
+        Ok(def) => run_test(name, def),
+        Err(message) => Some(Failure::System { message }),
+    }
+}
+
+/// Flushes what the test printed, writes its outcome to `report` and ends the process as a
+/// test process does (`exit(0)`: the outcome is in the record, not the exit code).
+pub fn report_and_exit(report: &mut File, failure: Option<Failure>) -> ! {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    pertest::write_record(&mut report, &Record::Outcome(ChildReport { failure }));
+    pertest::write_record(report, &Record::Outcome(ChildReport { failure }));
     std::process::exit(0)
 }
 
@@ -105,9 +116,15 @@ fn take_result_channel() -> File {
 /// read `thread 'NAME' panicked`) and judges the outcome.
 fn run_test(name: &str, def: &'static TestDef) -> Option<Failure> {
     let func = def.func;
+    let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let its_tid = tid.clone();
     let handle = std::thread::Builder::new()
         .name(name.to_owned())
-        .spawn(move || catch_unwind(AssertUnwindSafe(func)));
+        .spawn(move || {
+            // SAFETY: gettid(2) has no arguments and cannot fail.
+            its_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+            catch_unwind(AssertUnwindSafe(func))
+        });
     let result = match handle {
         Ok(handle) => handle.join().unwrap_or_else(Err),
         Err(e) => {
@@ -116,7 +133,22 @@ fn run_test(name: &str, def: &'static TestDef) -> Option<Failure> {
             });
         }
     };
+    wait_until_gone(tid.load(Ordering::SeqCst));
     judge(def.should_panic, result)
+}
+
+/// Waits (at most a second) until the kernel has released thread `tid` of this process: a
+/// join returns a moment before, and until then the processes the thread started are still
+/// its children rather than the process's (the leak check looks for them).
+fn wait_until_gone(tid: i32) {
+    if tid <= 0 {
+        return;
+    }
+    let task = format!("/proc/self/task/{tid}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::fs::symlink_metadata(&task).is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_micros(20));
+    }
 }
 
 /// Pass or fail from what the body did and what `#[should_panic]` asked.

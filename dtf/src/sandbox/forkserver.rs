@@ -372,8 +372,8 @@ impl Server {
     }
 
     /// Reaps every child that ended. A per-test process's status goes to the runner; after
-    /// one was killed, what its test left outside its group (now the server's children) is
-    /// killed too.
+    /// one was killed or ended abnormally, what its test left outside its group (now the
+    /// server's children) is killed too.
     fn reap(&mut self) {
         let mut sweep = false;
         loop {
@@ -384,7 +384,9 @@ impl Server {
                 break;
             }
             if let Some(id) = self.running.remove(&pid) {
-                sweep |= libc::WIFSIGNALED(status);
+                // A per-test process that ended normally caught its test's leaks itself;
+                // one that was killed, or whose test ended it, could not.
+                sweep |= !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
                 send(self.socket.as_fd(), &Message::Exited { id, status });
             } else if self.idle.as_ref().is_some_and(|idle| idle.pid == pid) {
                 self.idle = None;
@@ -414,8 +416,9 @@ impl Server {
         }
     }
 
-    /// The runner is gone: every per-test process's group goes too.
+    /// The runner is gone: every per-test process's group goes too, and any orphan left.
     fn shut_down(&self) -> ! {
+        self.kill_orphans();
         for &pid in self.running.keys() {
             // SAFETY: killpg(2) on the group a per-test process leads.
             unsafe {

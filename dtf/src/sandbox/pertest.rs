@@ -8,27 +8,31 @@
 //!   │              gives the per-test process its own process group, its stdout, stderr and
 //!   │              result pipe, the test's environment, HOME, TMPDIR and working directory
 //!   └── per-test process (the relay, this module)
-//!         │        runs STAGES in order; then starts the test process, directly or through
-//!         │        the init of a new PID namespace; waits for it; kills and reports what it
-//!         │        leaked; ends exactly as the test process ended
-//!         └── test process (child.rs)
-//!                  runs one registered test on a thread named after it, or execs a program
-//!                  (`ChildSpec::exec`), and writes the outcome to the result pipe
+//!         │        runs STAGES in order; then runs the test. A registered test at level
+//!         │        `process` or `env` runs right here, on a thread named after it, while
+//!         │        the relay's thread waits, then catches what it leaked: one process, one
+//!         │        fork. Otherwise the relay starts a test process, directly (a foreign
+//!         │        program, `ChildSpec::exec`) or through the init of a new PID namespace
+//!         │        (level `full`), waits for it, kills and reports what it leaked, and ends
+//!         │        exactly as the test process ended
+//!         └── test process (child.rs), when there is one
+//!                  runs one registered test on a thread named after it, or execs a program,
+//!                  and writes the outcome to the result pipe
 //! ```
 //!
 //! **Adding a stage.** A capability that changes what a test's process sees (a mount, a
 //! limit, a namespace) is one more entry in [`STAGES`]: a function that takes the [`Relay`]
 //! and returns an error message when it cannot do its part (the test is then reported as
 //! `could not run the test: STAGE: MESSAGE`). Stages run in the per-test process, which is
-//! single-threaded, after the spawner's part and before the test process exists, so whatever
-//! they set up (namespaces, mounts, limits, the working directory) is inherited by the test
-//! and everything it starts. A stage that needs data from the parent gets a field in
-//! [`ChildSpec`] (with `#[serde(default)]`).
+//! single-threaded, after the spawner's part and before the test starts, so whatever they
+//! set up (namespaces, mounts, limits, the working directory) holds for the test and
+//! everything it starts, whether it runs in this process or in a child. A stage that needs
+//! data from the parent gets a field in [`ChildSpec`] (with `#[serde(default)]`).
 //!
 //! **Leaks.** The per-test process is a child subreaper (`PR_SET_CHILD_SUBREAPER`): anything
 //! the test started that leaves its process group (`setsid`, a double fork) and is orphaned is
-//! re-parented to it rather than to the machine's init. When the test process ends, the
-//! processes still running outside the test's group are killed and their names reported
+//! re-parented to it rather than to the machine's init. When the test ends, the processes
+//! still running outside the test's group are killed and their names reported
 //! ([`RelayReport::leaked`]); what is left in the group is killed by the spawner's side, as
 //! it always was. At level `full` nothing can escape: orphans go to the PID namespace's init,
 //! and the namespace's end kills every process in it, so there is nothing to report.
@@ -116,18 +120,40 @@ pub fn run(spec: ChildSpec, report: File) -> ! {
             relay.fail(format!("{}: {message}", stage.name));
         }
     }
-    let (status, leaked) = if relay.pid_namespace {
-        relay.through_init()
-    } else {
-        relay.directly()
-    };
-    relay.finish(status, leaked)
+    if relay.pid_namespace {
+        let (status, leaked) = relay.through_init();
+        relay.finish(status, leaked)
+    }
+    if relay.spec.exec.is_some() {
+        let (status, leaked) = relay.directly();
+        relay.finish(status, leaked)
+    }
+    relay.in_process()
 }
 
 impl Relay {
     /// Reports a failure to set up the test and ends.
     fn fail(&mut self, message: String) -> ! {
         fail_setup(&mut self.report, message)
+    }
+
+    /// A registered test without a PID namespace runs in this process, on its own thread,
+    /// while this thread waits: the per-test process is then also the test process, and a
+    /// test costs one fork rather than two. Everything the stages set up holds for it as for
+    /// a child; what it leaves running outside its group is caught as from a child, once the
+    /// test has returned. A test that ends the process itself (`exit`, `abort`, a fatal
+    /// signal) ends it as a test process would; what it left outside its group then goes to
+    /// the fork server (or the runner's group kill), which kills it.
+    fn in_process(&mut self) -> ! {
+        let failure = child::registered_test_failure(&self.spec.test);
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        write_record(&mut self.report, &Record::Outcome(ChildReport { failure }));
+        let leaked = catch_leaks();
+        if !leaked.is_empty() {
+            write_record(&mut self.report, &Record::Relay(RelayReport { leaked }));
+        }
+        std::process::exit(0)
     }
 
     /// Starts the test process as a child and waits for it, reaping orphans as they end.
@@ -384,16 +410,28 @@ pub fn catch_leaks() -> Vec<String> {
     leaked
 }
 
-/// The children of `pid`, from `/proc/PID/task/PID/children` (this process is
-/// single-threaded, so its one task holds them all).
+/// The children of process `pid`, from `/proc/PID/task/TID/children` of each of its threads
+/// (a process forked by a thread is that thread's child until the thread ends).
 fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    let of_task = |tid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+            .map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return of_task(&pid.to_string());
+    };
+    let mut all = Vec::new();
+    for task in tasks.flatten() {
+        if let Some(tid) = task.file_name().to_str() {
+            all.extend(of_task(tid));
+        }
+    }
+    all
 }
 
 /// What `/proc/PID/stat` says about a process.
