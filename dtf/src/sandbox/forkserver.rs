@@ -23,7 +23,6 @@
 //! runner closes the socket.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -182,26 +181,9 @@ struct Server {
     signals: nix::sys::signalfd::SignalFd,
     /// Live per-test processes: pid → request id.
     running: HashMap<i32, u64>,
-    /// A per-test process forked ahead of its request, waiting for it (see [`Idle`]).
-    idle: Option<Idle>,
     /// Why the server stopped forking, once it has.
     refused: Option<String>,
     buf: Vec<u8>,
-}
-
-/// A child forked before its request came: it waits on its own socket for the request and
-/// the three descriptors, which the server passes on unchanged. The fork (and the child's
-/// first page faults) happen while the previous test runs, not between a request and its
-/// test. It ends, without a test, when the server ends.
-struct Idle {
-    pid: i32,
-    socket: OwnedFd,
-}
-
-/// The part of a request the server reads: the rest is the per-test process's.
-#[derive(Deserialize)]
-struct RequestId {
-    id: u64,
 }
 
 impl Server {
@@ -220,14 +202,12 @@ impl Server {
             socket,
             signals,
             running: HashMap::new(),
-            idle: None,
             refused: None,
             buf: vec![0u8; MAX_MESSAGE],
         }
     }
 
     fn run(mut self) -> ! {
-        self.fork_idle();
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -260,44 +240,27 @@ impl Server {
     }
 
     /// Reads and serves one request; false when the runner is gone.
+    ///
+    /// The request is decoded, and the test's environment built, here rather than in the
+    /// child: the server's pages for that code and data are mapped already, and a forked child
+    /// inherits the result without faulting them in again.
     fn serve_one(&mut self) -> bool {
         let (bytes, fds) = match receive(self.socket.as_fd(), &mut self.buf) {
             Received::Message(bytes, fds) => (bytes, fds),
             Received::Nothing => return true,
             Received::Closed => return false,
         };
-        let Ok(RequestId { id }) = serde_json::from_slice::<RequestId>(&bytes) else {
+        let Ok(request) = serde_json::from_slice::<Request>(&bytes) else {
             return true;
         };
-        if fds.len() != 3 {
+        let id = request.id;
+        let Ok([stdout, stderr, result]) = <[OwnedFd; 3]>::try_from(fds) else {
             return true;
-        }
-        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        // The child forked ahead takes it; if it is gone (or none could be forked), a new one.
-        let mut handed = None;
-        for _ in 0..2 {
-            if self.idle.is_none() {
-                self.fork_idle();
-            }
-            let Some(idle) = self.idle.take() else {
-                break;
-            };
-            if send_bytes(idle.socket.as_fd(), &bytes, &raw).is_ok() {
-                handed = Some(idle.pid);
-                break;
-            }
-            // SAFETY: kill(2) on a child of this process; it is reaped by `reap`.
-            unsafe {
-                libc::kill(idle.pid, libc::SIGKILL);
-            }
-        }
-        drop(fds);
-        match handed {
+        };
+        match self.fork_for(request, [stdout, stderr, result]) {
             Some(pid) => {
                 self.running.insert(pid, id);
                 send(self.socket.as_fd(), &Message::Started { id, pid });
-                // The next test's process, forked while this one runs.
-                self.fork_idle();
             }
             None => {
                 let reason = self
@@ -310,11 +273,11 @@ impl Server {
         true
     }
 
-    /// Forks the next per-test process ahead of its request, unless the server has stopped
-    /// forking (it does when it finds itself with more than one thread).
-    fn fork_idle(&mut self) {
-        if self.refused.is_some() || self.idle.is_some() {
-            return;
+    /// Forks the per-test process of `request`; `None` when the server does not fork (it
+    /// stops for good when it finds itself with more than one thread).
+    fn fork_for(&mut self, request: Request, fds: [OwnedFd; 3]) -> Option<i32> {
+        if self.refused.is_some() {
+            return None;
         }
         let threads = thread_count();
         if threads != 1 {
@@ -323,51 +286,30 @@ impl Server {
                  main, such as a #[ctor] or a static initialiser), and forking a \
                  multi-threaded process is not safe"
             ));
-            return;
+            return None;
         }
-        let Ok((ours, theirs)) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        ) else {
-            return;
-        };
+        let env = Environment::new(&request.env);
         // SAFETY: this process has one thread (checked above); the child becomes the per-test
         // process, which may run any code.
         match unsafe { fork() } {
-            Err(e) => self.refused = Some(format!("the fork server cannot fork: {e}")),
+            Err(e) => {
+                self.refused = Some(format!("the fork server cannot fork: {e}"));
+                None
+            }
             Ok(ForkResult::Child) => {
                 // The server's descriptors are not the test's. `self` is never dropped in this
                 // process (what follows never returns), so closing them here is final.
-                // SAFETY: all are open descriptors this process owns.
+                // SAFETY: both are open descriptors this process owns.
                 unsafe {
                     libc::close(self.socket.as_raw_fd());
                     libc::close(self.signals.as_fd().as_raw_fd());
-                    libc::close(ours.as_raw_fd());
                 }
-                std::mem::forget(ours);
-                let (bytes, fds) = match receive(theirs.as_fd(), &mut self.buf) {
-                    Received::Message(bytes, fds) => (bytes, fds),
-                    _ => pertest::exit_now(0),
-                };
-                drop(theirs);
-                let Ok(request) = serde_json::from_slice::<Request>(&bytes) else {
-                    pertest::exit_now(0);
-                };
-                let Ok([stdout, stderr, result]) = <[OwnedFd; 3]>::try_from(fds) else {
-                    pertest::exit_now(0);
-                };
+                let [stdout, stderr, result] = fds;
                 let mut spec = request.spec;
                 spec.parent = Some(nix::unistd::getppid().as_raw() as u32);
-                become_per_test(spec, request.env, request.cwd, stdout, stderr, result)
+                become_per_test(spec, env, request.cwd, stdout, stderr, result)
             }
-            Ok(ForkResult::Parent { child }) => {
-                self.idle = Some(Idle {
-                    pid: child.as_raw(),
-                    socket: ours,
-                });
-            }
+            Ok(ForkResult::Parent { child }) => Some(child.as_raw()),
         }
     }
 
@@ -388,8 +330,6 @@ impl Server {
                 // one that was killed, or whose test ended it, could not.
                 sweep |= !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
                 send(self.socket.as_fd(), &Message::Exited { id, status });
-            } else if self.idle.as_ref().is_some_and(|idle| idle.pid == pid) {
-                self.idle = None;
             }
         }
         if sweep {
@@ -406,8 +346,7 @@ impl Server {
             .split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
         {
-            let idle = self.idle.as_ref().is_some_and(|idle| idle.pid == pid);
-            if !self.running.contains_key(&pid) && !idle {
+            if !self.running.contains_key(&pid) {
                 // SAFETY: kill(2) on a child of this process; it is reaped by `reap`.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
@@ -425,14 +364,50 @@ impl Server {
                 libc::killpg(pid, libc::SIGKILL);
             }
         }
-        if let Some(idle) = &self.idle {
-            // SAFETY: kill(2) on a child of this process (it would also end on its own, once
-            // its socket closes).
-            unsafe {
-                libc::kill(idle.pid, libc::SIGKILL);
-            }
-        }
         pertest::exit_now(0)
+    }
+}
+
+/// A test's environment as the C library keeps one: `NAME=VALUE` strings and the
+/// null-terminated array of pointers to them, built in the server so that the forked child
+/// only points `environ` at it.
+struct Environment {
+    strings: Vec<std::ffi::CString>,
+    pointers: Vec<*mut libc::c_char>,
+}
+
+impl Environment {
+    fn new(vars: &[(String, String)]) -> Environment {
+        // A name or value with a NUL cannot be in an environment (exec would refuse it too).
+        let strings: Vec<std::ffi::CString> = vars
+            .iter()
+            .filter_map(|(name, value)| std::ffi::CString::new(format!("{name}={value}")).ok())
+            .collect();
+        let mut pointers: Vec<*mut libc::c_char> = strings
+            .iter()
+            .map(|s| s.as_ptr() as *mut libc::c_char)
+            .collect();
+        pointers.push(std::ptr::null_mut());
+        Environment { strings, pointers }
+    }
+
+    /// Makes this the process's environment, for good: the strings and the array stay
+    /// allocated for the rest of the process (the C library may keep pointing at them;
+    /// `setenv` copies the array before it changes it).
+    ///
+    /// # Safety
+    /// The process must have one thread: nothing may read the environment concurrently.
+    unsafe fn install(self) {
+        unsafe extern "C" {
+            static mut environ: *mut *mut libc::c_char;
+        }
+        let mut this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the caller guarantees a single thread; the array is null-terminated and
+        // every pointer in it points at a live, NUL-terminated string that is never freed.
+        unsafe {
+            environ = this.pointers.as_mut_ptr();
+        }
+        let _ = &this.strings;
     }
 }
 
@@ -440,7 +415,7 @@ impl Server {
 /// one.
 fn become_per_test(
     spec: ChildSpec,
-    env: Vec<(String, String)>,
+    env: Environment,
     cwd: Option<PathBuf>,
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -462,14 +437,7 @@ fn become_per_test(
     drop(stdout);
     drop(stderr);
     // SAFETY: this forked process has one thread: nothing reads the environment concurrently.
-    unsafe {
-        for (name, _) in std::env::vars_os().collect::<Vec<(OsString, OsString)>>() {
-            std::env::remove_var(name);
-        }
-        for (name, value) in &env {
-            std::env::set_var(name, value);
-        }
-    }
+    unsafe { env.install() };
     let mut result = File::from(result);
     // The test's directory is made here, in parallel with the runner, rather than by it.
     if let Some(dir) = &spec.dir {
