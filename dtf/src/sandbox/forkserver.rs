@@ -57,18 +57,26 @@ const MAX_MESSAGE: usize = 4 << 20;
 /// forks): a test process started by exec runs them itself.
 static WARMED: AtomicBool = AtomicBool::new(false);
 
-/// A request: start one per-test process. Sent with three descriptors: stdout, stderr and the
-/// result pipe's write end.
-#[derive(Debug, Serialize, Deserialize)]
+/// A request's head: start one per-test process. On the wire it is followed by the test's
+/// environment as the C library keeps one (see [`encode_request`]), and sent with three
+/// descriptors: stdout, stderr and the result pipe's write end.
+#[derive(Debug, Deserialize)]
 struct Request {
     id: u64,
     spec: ChildSpec,
-    env: Vec<(String, String)>,
     cwd: Option<PathBuf>,
 }
 
+/// The head as the runner writes it (borrowing what it sends).
+#[derive(Serialize)]
+struct RequestOut<'a> {
+    id: u64,
+    spec: &'a ChildSpec,
+    cwd: &'a Option<PathBuf>,
+}
+
 /// What the server says.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq)]
 enum Message {
     /// The warm-ups ran; requests may come.
     Ready,
@@ -80,6 +88,110 @@ enum Message {
     Refused { id: u64, reason: String },
     /// The per-test process of request `id` ended with this raw wait status.
     Exited { id: u64, status: i32 },
+}
+
+// ---- the encoding ----
+//
+// Both sides are the same binary, so the encoding needs no versioning; it is binary rather
+// than JSON because it is encoded and decoded once per test on both sides, in whatever
+// profile the user's tests are built (usually unoptimised).
+
+/// A request: the head's length (4 bytes, little-endian), the head (JSON), then the
+/// environment as `NAME=VALUE\0` strings. A variable that cannot be in an environment (a NUL
+/// anywhere, `=` or nothing as its name) is left out, as exec would refuse it.
+fn encode_request(
+    id: u64,
+    spec: &ChildSpec,
+    cwd: &Option<PathBuf>,
+    env: &[(String, String)],
+) -> Result<Vec<u8>, String> {
+    let head = serde_json::to_vec(&RequestOut { id, spec, cwd })
+        .map_err(|e| format!("cannot encode the request: {e}"))?;
+    let head_len = u32::try_from(head.len()).map_err(|_| "the request is too large")?;
+    let env_len: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut out = Vec::with_capacity(4 + head.len() + env_len);
+    out.extend_from_slice(&head_len.to_le_bytes());
+    out.extend_from_slice(&head);
+    for (name, value) in env {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+    }
+    Ok(out)
+}
+
+/// A request's head and its environment block; `None` for anything malformed.
+fn decode_request(bytes: &[u8]) -> Option<(Request, &[u8])> {
+    let head_len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let head = bytes.get(4..4usize.checked_add(head_len)?)?;
+    let env = &bytes[4 + head_len..];
+    if !env.is_empty() && env.last() != Some(&0) {
+        return None;
+    }
+    Some((serde_json::from_slice(head).ok()?, env))
+}
+
+impl Message {
+    /// A tag byte, then the fields: ids as 8 bytes and pids and statuses as 4 (native
+    /// order: both ends are on one machine), text as the rest of the message.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16);
+        match self {
+            Message::Ready => out.push(0),
+            Message::WarmUpFailed { message } => {
+                out.push(1);
+                out.extend_from_slice(message.as_bytes());
+            }
+            Message::Started { id, pid } => {
+                out.push(2);
+                out.extend_from_slice(&id.to_ne_bytes());
+                out.extend_from_slice(&pid.to_ne_bytes());
+            }
+            Message::Refused { id, reason } => {
+                out.push(3);
+                out.extend_from_slice(&id.to_ne_bytes());
+                out.extend_from_slice(reason.as_bytes());
+            }
+            Message::Exited { id, status } => {
+                out.push(4);
+                out.extend_from_slice(&id.to_ne_bytes());
+                out.extend_from_slice(&status.to_ne_bytes());
+            }
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Message> {
+        let (&tag, rest) = bytes.split_first()?;
+        let id = || Some(u64::from_ne_bytes(rest.get(..8)?.try_into().ok()?));
+        let int = || {
+            (rest.len() == 12).then_some(())?;
+            Some(i32::from_ne_bytes(rest.get(8..12)?.try_into().ok()?))
+        };
+        let text =
+            |from: usize| String::from_utf8_lossy(rest.get(from..).unwrap_or(&[])).into_owned();
+        Some(match tag {
+            0 if rest.is_empty() => Message::Ready,
+            1 => Message::WarmUpFailed { message: text(0) },
+            2 => Message::Started {
+                id: id()?,
+                pid: int()?,
+            },
+            3 => Message::Refused {
+                id: id()?,
+                reason: text(8),
+            },
+            4 => Message::Exited {
+                id: id()?,
+                status: int()?,
+            },
+            _ => return None,
+        })
+    }
 }
 
 // ---- the server side ----
@@ -250,14 +362,15 @@ impl Server {
             Received::Nothing => return true,
             Received::Closed => return false,
         };
-        let Ok(request) = serde_json::from_slice::<Request>(&bytes) else {
+        let Some((request, env)) = decode_request(&bytes) else {
             return true;
         };
         let id = request.id;
         let Ok([stdout, stderr, result]) = <[OwnedFd; 3]>::try_from(fds) else {
             return true;
         };
-        match self.fork_for(request, [stdout, stderr, result]) {
+        let env = Environment::new(env);
+        match self.fork_for(request, env, [stdout, stderr, result]) {
             Some(pid) => {
                 self.running.insert(pid, id);
                 send(self.socket.as_fd(), &Message::Started { id, pid });
@@ -275,7 +388,7 @@ impl Server {
 
     /// Forks the per-test process of `request`; `None` when the server does not fork (it
     /// stops for good when it finds itself with more than one thread).
-    fn fork_for(&mut self, request: Request, fds: [OwnedFd; 3]) -> Option<i32> {
+    fn fork_for(&mut self, request: Request, env: Environment, fds: [OwnedFd; 3]) -> Option<i32> {
         if self.refused.is_some() {
             return None;
         }
@@ -288,7 +401,6 @@ impl Server {
             ));
             return None;
         }
-        let env = Environment::new(&request.env);
         // SAFETY: this process has one thread (checked above); the child becomes the per-test
         // process, which may run any code.
         match unsafe { fork() } {
@@ -368,27 +480,30 @@ impl Server {
     }
 }
 
-/// A test's environment as the C library keeps one: `NAME=VALUE` strings and the
-/// null-terminated array of pointers to them, built in the server so that the forked child
-/// only points `environ` at it.
+/// A test's environment as the C library keeps one: `NAME=VALUE\0` strings (the request's
+/// block, copied once) and the null-terminated array of pointers to them, built in the
+/// server so that the forked child only points `environ` at it.
 struct Environment {
-    strings: Vec<std::ffi::CString>,
+    block: Vec<u8>,
     pointers: Vec<*mut libc::c_char>,
 }
 
 impl Environment {
-    fn new(vars: &[(String, String)]) -> Environment {
-        // A name or value with a NUL cannot be in an environment (exec would refuse it too).
-        let strings: Vec<std::ffi::CString> = vars
-            .iter()
-            .filter_map(|(name, value)| std::ffi::CString::new(format!("{name}={value}")).ok())
-            .collect();
-        let mut pointers: Vec<*mut libc::c_char> = strings
-            .iter()
-            .map(|s| s.as_ptr() as *mut libc::c_char)
-            .collect();
+    /// `block` holds NUL-terminated strings (checked by [`decode_request`]).
+    fn new(block: &[u8]) -> Environment {
+        let mut block = block.to_vec();
+        let base = block.as_mut_ptr();
+        let mut pointers = Vec::with_capacity(64);
+        let mut start = 0;
+        for (at, byte) in block.iter().enumerate() {
+            if *byte == 0 {
+                // SAFETY: `start` is within the block (it is at most `at`).
+                pointers.push(unsafe { base.add(start) } as *mut libc::c_char);
+                start = at + 1;
+            }
+        }
         pointers.push(std::ptr::null_mut());
-        Environment { strings, pointers }
+        Environment { block, pointers }
     }
 
     /// Makes this the process's environment, for good: the strings and the array stay
@@ -403,11 +518,12 @@ impl Environment {
         }
         let mut this = std::mem::ManuallyDrop::new(self);
         // SAFETY: the caller guarantees a single thread; the array is null-terminated and
-        // every pointer in it points at a live, NUL-terminated string that is never freed.
+        // every pointer in it points at a NUL-terminated string in `block`, which is never
+        // freed (nor moved: it is not touched again).
         unsafe {
             environ = this.pointers.as_mut_ptr();
         }
-        let _ = &this.strings;
+        let _ = &this.block;
     }
 }
 
@@ -495,9 +611,7 @@ fn receive(socket: BorrowedFd<'_>, buf: &mut [u8]) -> Received {
 
 /// Sends one message (blocking); errors mean the runner is gone, which the next read sees.
 fn send(socket: BorrowedFd<'_>, message: &Message) {
-    if let Ok(bytes) = serde_json::to_vec(message) {
-        let _ = send_bytes(socket, &bytes, &[]);
-    }
+    let _ = send_bytes(socket, &message.encode(), &[]);
 }
 
 fn send_bytes(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> nix::Result<usize> {
@@ -644,18 +758,16 @@ impl ForkServer {
     /// end; they are closed here once the server holds its copies.
     pub async fn spawn(
         &self,
-        spec: ChildSpec,
-        env: Vec<(String, String)>,
-        cwd: Option<PathBuf>,
+        spec: &ChildSpec,
+        env: &[(String, String)],
+        cwd: &Option<PathBuf>,
         fds: [OwnedFd; 3],
     ) -> Result<Forked, Refusal> {
         if let Some(reason) = self.closed() {
             return Err(Refusal::Fallback(reason));
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let request = Request { id, spec, env, cwd };
-        let bytes = serde_json::to_vec(&request)
-            .map_err(|e| Refusal::Fallback(format!("cannot encode the request: {e}")))?;
+        let bytes = encode_request(id, spec, cwd, env).map_err(Refusal::Fallback)?;
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
         self.inner.lock_pending().insert(
@@ -739,9 +851,9 @@ impl Inner {
         loop {
             let mut guard = self.socket.readable().await.ok()?;
             match receive(self.socket.get_ref().as_fd(), buf) {
-                Received::Message(bytes, _) => match serde_json::from_slice(&bytes) {
-                    Ok(message) => return Some(message),
-                    Err(_) => continue,
+                Received::Message(bytes, _) => match Message::decode(&bytes) {
+                    Some(message) => return Some(message),
+                    None => continue,
                 },
                 Received::Nothing => guard.clear_ready(),
                 Received::Closed => return None,
@@ -785,5 +897,96 @@ async fn read_loop(inner: Arc<Inner>, mut buf: Vec<u8>) {
         if let Some(sender) = p.exited.take() {
             let _ = sender.send(Err(format!("{reason} while the test ran")));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ChildSpec {
+        ChildSpec {
+            test: "a::b".to_owned(),
+            isolation: crate::registry::Isolation::Env,
+            memory: Some(1 << 30),
+            parent: None,
+            exec: None,
+            paths: None,
+            dir: Some(PathBuf::from("/tmp/dtf-a_b-1")),
+        }
+    }
+
+    #[test]
+    fn a_request_round_trips_and_leaves_out_what_no_environment_can_hold() {
+        let env = vec![
+            ("PATH".to_owned(), "/bin:/usr/bin".to_owned()),
+            ("EMPTY".to_owned(), String::new()),
+            ("WITH=EQUALS".to_owned(), "x".to_owned()),
+            (String::new(), "no name".to_owned()),
+            ("NUL".to_owned(), "a\0b".to_owned()),
+            ("UTF8".to_owned(), "grüße=ja".to_owned()),
+        ];
+        let cwd = Some(PathBuf::from("/work"));
+        let bytes = encode_request(7, &spec(), &cwd, &env).expect("encodes");
+        let (request, block) = decode_request(&bytes).expect("decodes");
+        assert_eq!(request.id, 7);
+        assert_eq!(request.spec.test, "a::b");
+        assert_eq!(request.spec.memory, Some(1 << 30));
+        assert_eq!(request.cwd, cwd);
+        let strings: Vec<&[u8]> = block.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+        assert_eq!(
+            strings,
+            vec![
+                &b"PATH=/bin:/usr/bin"[..],
+                b"EMPTY=",
+                "UTF8=grüße=ja".as_bytes()
+            ]
+        );
+        let environment = Environment::new(block);
+        assert_eq!(environment.pointers.len(), 4, "three strings and the null");
+        assert!(environment.pointers[3].is_null());
+        // SAFETY: each pointer points at a NUL-terminated string inside `block`.
+        let second = unsafe { std::ffi::CStr::from_ptr(environment.pointers[1]) };
+        assert_eq!(second.to_bytes(), b"EMPTY=");
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_not_misread() {
+        let bytes = encode_request(1, &spec(), &None, &[("A".into(), "b".into())]).unwrap();
+        assert!(decode_request(&bytes[..2]).is_none(), "a cut length");
+        assert!(decode_request(&bytes[..10]).is_none(), "a cut head");
+        assert!(
+            decode_request(&bytes[..bytes.len() - 1]).is_none(),
+            "an unterminated variable"
+        );
+        let mut huge = bytes.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_request(&huge).is_none(), "a length past the end");
+        assert!(decode_request(&[]).is_none());
+    }
+
+    #[test]
+    fn messages_round_trip_and_bad_ones_are_ignored() {
+        let all = [
+            Message::Ready,
+            Message::WarmUpFailed {
+                message: "warm-up `w` panicked: boom".into(),
+            },
+            Message::Started { id: 3, pid: 4242 },
+            Message::Refused {
+                id: u64::MAX,
+                reason: "two threads".into(),
+            },
+            Message::Exited { id: 9, status: -1 },
+        ];
+        for message in all {
+            assert_eq!(Message::decode(&message.encode()), Some(message));
+        }
+        assert_eq!(Message::decode(&[]), None);
+        assert_eq!(Message::decode(&[9]), None, "an unknown tag");
+        assert_eq!(Message::decode(&[2, 1, 2, 3]), None, "a cut message");
+        let mut long = Message::Exited { id: 1, status: 0 }.encode();
+        long.push(0);
+        assert_eq!(Message::decode(&long), None, "trailing bytes");
     }
 }

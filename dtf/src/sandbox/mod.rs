@@ -20,7 +20,7 @@ pub mod pertest;
 pub mod rundir;
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -503,10 +503,7 @@ impl Sandbox {
         let (stdout, stdout_w) = output_pipe(capture, 1)?;
         let (stderr, stderr_w) = output_pipe(capture, 2)?;
         let fds = [stdout_w, stderr_w, result_write];
-        match server
-            .spawn(child_spec.clone(), env.to_vec(), cwd.clone(), fds)
-            .await
-        {
+        match server.spawn(child_spec, env, cwd, fds).await {
             Ok(forked) => Ok(Some(Started {
                 pid: forked.pid,
                 stdout,
@@ -760,25 +757,14 @@ impl TestDir {
         &self.0
     }
 
-    /// Whether the directory is as [`make_test_dir`] made it.
+    /// Whether the directory is as [`make_test_dir`] made it: itself, `home` and `tmp`
+    /// directories (not links) of mode 0700, `home` and `tmp` empty and nothing else beside
+    /// them. Four system calls per directory (open, fstat, one read of its entries, close):
+    /// this runs once per test on the runner's thread.
     fn is_pristine(&self) -> bool {
-        use std::os::unix::fs::PermissionsExt;
-        let empty = |dir: &Path, entries: usize| {
-            std::fs::read_dir(dir).is_ok_and(|mut list| {
-                (0..entries).all(|_| list.next().is_some_and(|e| e.is_ok()))
-                    && list.next().is_none()
-            })
-        };
-        let private_dir = |dir: &Path| {
-            std::fs::symlink_metadata(dir)
-                .is_ok_and(|m| m.file_type().is_dir() && m.permissions().mode() & 0o7777 == 0o700)
-        };
-        [self.0.clone(), self.home(), self.tmp()]
-            .iter()
-            .all(|dir| private_dir(dir))
-            && empty(&self.0, 2)
-            && empty(&self.home(), 0)
-            && empty(&self.tmp(), 0)
+        private_dir_holding(&self.0, &[b"home", b"tmp"])
+            && private_dir_holding(&self.home(), &[])
+            && private_dir_holding(&self.tmp(), &[])
     }
 
     fn home(&self) -> PathBuf {
@@ -860,6 +846,62 @@ impl Drop for DirPool {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Whether `dir` is a directory (not a link) of mode 0700 whose entries are exactly `names`.
+fn private_dir_holding(dir: &Path, names: &[&[u8]]) -> bool {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::{Mode, SFlag, fstat};
+    let Ok(fd) = open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    let private = fstat(&fd).is_ok_and(|st| {
+        st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() && st.st_mode & 0o7777 == 0o700
+    });
+    if !private {
+        return false;
+    }
+    // One read: a directory holding only what is expected fits in it many times over, and a
+    // fuller buffer means more entries than expected.
+    let mut buf = [0u8; 1024];
+    // SAFETY: getdents64(2) writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_getdents64,
+            fd.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    let Ok(n) = usize::try_from(n) else {
+        return false;
+    };
+    if n > buf.len() / 2 {
+        return false;
+    }
+    // struct linux_dirent64: d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name (NUL).
+    let mut seen = 0;
+    let mut at = 0;
+    while at + 19 <= n {
+        let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+        if reclen < 20 || at + reclen > n {
+            return false;
+        }
+        let name = &buf[at + 19..at + reclen];
+        let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+        if name != b"." && name != b".." {
+            if !names.contains(&name) {
+                return false;
+            }
+            seen += 1;
+        }
+        at += reclen;
+    }
+    seen == names.len()
 }
 
 /// A test's name as part of a file name: ASCII letters and digits, `_` for the rest, at most
@@ -970,6 +1012,51 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_test_directory_left_as_made_counts_as_pristine() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("a temporary directory");
+        let fresh = |name: &str| {
+            let dir = TestDir(root.path().join(name));
+            make_test_dir(dir.path()).expect("made");
+            dir
+        };
+        assert!(fresh("untouched").is_pristine());
+        let dirty: [(&str, fn(&Path)); 6] = [
+            ("file-in-tmp", |d| {
+                std::fs::write(d.join("tmp/x"), b"x").unwrap()
+            }),
+            ("dir-in-home", |d| {
+                std::fs::create_dir(d.join("home/.cache")).unwrap()
+            }),
+            ("file-beside", |d| {
+                std::fs::write(d.join("stray"), b"").unwrap()
+            }),
+            ("home-mode", |d| {
+                std::fs::set_permissions(d.join("home"), std::fs::Permissions::from_mode(0o755))
+                    .unwrap()
+            }),
+            ("tmp-link", |d| {
+                std::fs::remove_dir(d.join("tmp")).unwrap();
+                std::os::unix::fs::symlink("/tmp", d.join("tmp")).unwrap();
+            }),
+            ("home-gone", |d| {
+                std::fs::remove_dir(d.join("home")).unwrap()
+            }),
+        ];
+        for (name, spoil) in dirty {
+            let dir = fresh(name);
+            spoil(dir.path());
+            assert!(!dir.is_pristine(), "{name}");
+        }
+        // Many entries (more than one read returns) are not pristine either.
+        let dir = fresh("crowded");
+        for i in 0..200 {
+            std::fs::write(dir.path().join(format!("home/file-{i:04}")), b"").unwrap();
+        }
+        assert!(!dir.is_pristine());
+    }
 
     #[test]
     fn libtest_framing_goes_and_the_test_output_stays() {
