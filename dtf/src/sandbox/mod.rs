@@ -1023,7 +1023,8 @@ mod tests {
             dir
         };
         assert!(fresh("untouched").is_pristine());
-        let dirty: [(&str, fn(&Path)); 6] = [
+        type Spoil = (&'static str, fn(&Path));
+        let dirty: [Spoil; 6] = [
             ("file-in-tmp", |d| {
                 std::fs::write(d.join("tmp/x"), b"x").unwrap()
             }),
