@@ -318,22 +318,10 @@ async fn run_on(
         .iter()
         .map(|&i| sandboxes[i].program().to_path_buf())
         .collect();
-    let binaries = tokio::task::spawn_blocking(move || {
-        paths
-            .iter()
-            .map(|path| {
-                workers::Binary::read(path).map_err(|e| {
-                    format!(
-                        "cannot read the test binary {} to ship it: {e}",
-                        path.display()
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()
-    })
-    .await
-    .map_err(|e| Error::Workers(format!("cannot read the test binaries: {e}")))?
-    .map_err(Error::Workers)?;
+    let binaries = tokio::task::spawn_blocking(move || workers::Binary::read_all(&paths))
+        .await
+        .map_err(|e| Error::Workers(format!("cannot read the test binaries: {e}")))?
+        .map_err(Error::Workers)?;
     // By the plan's binary index; a binary without tests is never asked for.
     let mut digests: Vec<protocol::Digest> = vec![protocol::Digest::of(&[]); sandboxes.len()];
     for (&i, binary) in wanted.iter().zip(&binaries) {

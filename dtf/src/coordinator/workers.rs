@@ -2,7 +2,6 @@
 //! shipping the test binary to those that lack it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -304,24 +303,86 @@ async fn lookup(addr: &str, limit: Duration) -> std::io::Result<Vec<std::net::So
     Ok(addrs)
 }
 
-/// The test binary, read once, to ship to workers that lack it.
+/// A test binary of the run: its digest, computed once; its bytes are read only when a worker
+/// lacks it (a warm run reads each binary once, to hash it, and holds none of it in memory).
 #[derive(Clone)]
 pub struct Binary {
     /// Its digest.
     pub digest: Digest,
-    /// Its bytes.
-    pub bytes: Arc<Vec<u8>>,
+    /// Where it is.
+    pub path: std::path::PathBuf,
 }
 
 impl Binary {
-    /// Reads and hashes the binary at `path`.
+    /// Hashes the binary at `path`, streaming it (no copy of it is kept).
     pub fn read(path: &std::path::Path) -> std::io::Result<Binary> {
-        let bytes = std::fs::read(path)?;
-        let digest = Digest::of(&bytes);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(std::fs::File::open(path)?)?;
         Ok(Binary {
-            digest,
-            bytes: Arc::new(bytes),
+            digest: Digest(*hasher.finalize().as_bytes()),
+            path: path.to_path_buf(),
         })
+    }
+
+    /// Hashes every binary of `paths`, a few at a time, in their order.
+    pub fn read_all(paths: &[std::path::PathBuf]) -> Result<Vec<Binary>, String> {
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 8)
+            .min(paths.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<std::sync::Mutex<Option<std::io::Result<Binary>>>> =
+            paths.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(path) = paths.get(i) else {
+                            return;
+                        };
+                        let result = Binary::read(path);
+                        if let Ok(mut slot) = results[i].lock() {
+                            *slot = Some(result);
+                        }
+                    }
+                });
+            }
+        });
+        paths
+            .iter()
+            .zip(results)
+            .map(|(path, slot)| {
+                let result = slot
+                    .into_inner()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| Err(std::io::Error::other("hashing it did not finish")));
+                result.map_err(|e| {
+                    format!(
+                        "cannot read the test binary {} to ship it: {e}",
+                        path.display()
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Its bytes, read again to ship them; they must still have its digest.
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        let bytes = std::fs::read(&self.path).map_err(|e| {
+            format!(
+                "cannot read the test binary {} to ship it: {e}",
+                self.path.display()
+            )
+        })?;
+        if Digest::of(&bytes) != self.digest {
+            return Err(format!(
+                "the test binary {} changed while the run started; run again",
+                self.path.display()
+            ));
+        }
+        Ok(bytes)
     }
 }
 
@@ -402,14 +463,13 @@ pub async fn prepare(
     let mut sent = std::collections::HashSet::new();
     for binary in binaries {
         if missing.contains(&binary.digest) && sent.insert(binary.digest) {
-            shipped += upload(
-                &client,
-                addr,
-                binary.digest,
-                &binary.bytes,
-                "the test binary",
-            )
-            .await?;
+            let read = binary.clone();
+            let bytes = tokio::task::spawn_blocking(move || read.bytes())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map_err(Unusable::Failed)?;
+            shipped += upload(&client, addr, binary.digest, &bytes, "the test binary").await?;
         }
     }
     // One tree after the other: a file two trees share is found on the worker the second time.
