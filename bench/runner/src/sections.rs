@@ -685,16 +685,20 @@ pub fn fork(b: &mut Bench) -> Result<(), String> {
 
     // Both through cargo: nextest on the std-harness twin, dtf by cargo test.
     let root = measure::workspace_root();
-    let through_cargo = |subcommand: &[&str], test: &str| {
+    let through_cargo_as = |profile: &[&str], subcommand: &[&str], test: &str, after: &[&str]| {
         time_median(reps, || {
             let mut c = Command::new(measure::cargo());
             c.current_dir(&root)
                 .args(subcommand)
-                .args(["--release", "-p", "dtf-bench-suites", "--test", test])
+                .args(profile)
+                .args(["-p", "dtf-bench-suites", "--test", test])
+                .args(after)
                 .env("RUST_BACKTRACE", "0");
             c
         })
     };
+    let through_cargo =
+        |subcommand: &[&str], test: &str| through_cargo_as(&["--release"], subcommand, test, &[]);
     let nextest_std = through_cargo(&["nextest", "run"], "trivial_std")?;
     b.row(
         "fork",
@@ -717,6 +721,57 @@ pub fn fork(b: &mut Bench) -> Result<(), String> {
         ratio,
         "≤ 0.2×",
         ratio <= 0.2,
+    );
+
+    // The same in the profile `cargo test` builds by default (debug), where dtf's own code is
+    // unoptimised too; and the shaped suite with its warm-up against serialised libtest.
+    let quiet_nextest = ["--status-level", "none", "--final-status-level", "none"];
+    let build_debug = Command::new(measure::cargo())
+        .current_dir(&root)
+        .args(["build", "-q", "-p", "dtf-bench-suites"])
+        .args(["--test", "trivial", "--test", "trivial_std"])
+        .args(["--test", "shaped_warm", "--test", "shaped_std"])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !build_debug.success() {
+        return Err("building the debug suites failed".to_owned());
+    }
+    let nextest_debug = through_cargo_as(&[], &["nextest", "run"], "trivial_std", &quiet_nextest)?;
+    let dtf_debug = through_cargo_as(&[], &["test", "-q"], "trivial", &[])?;
+    let ratio_debug = dtf_debug.as_secs_f64() / nextest_debug.as_secs_f64();
+    b.row(
+        "fork",
+        "debug: cargo nextest run on the twin / cargo test on the dtf binary",
+        format!("{} / {}", secs(nextest_debug), secs(dtf_debug)),
+        dtf_debug.as_secs_f64(),
+    );
+    b.target_row(
+        "fork",
+        "debug: dtf / nextest on the twin (wall, both through cargo)",
+        format!("{ratio_debug:.2}×"),
+        ratio_debug,
+        "≤ 0.2×",
+        ratio_debug <= 0.2,
+    );
+    let warm_debug = through_cargo_as(&[], &["test", "-q"], "shaped_warm", &[])?;
+    let serial_debug = through_cargo_as(
+        &[],
+        &["test", "-q"],
+        "shaped_std",
+        &["--", "--test-threads=1"],
+    )?;
+    let shaped_debug = warm_debug.as_secs_f64() / serial_debug.as_secs_f64();
+    b.target_row(
+        "fork",
+        format!(
+            "debug, through cargo test: shaped with warm-up {} / libtest serialised {}",
+            secs(warm_debug),
+            secs(serial_debug)
+        ),
+        format!("{shaped_debug:.2}×"),
+        shaped_debug,
+        "≤ 1.0×",
+        shaped_debug <= 1.0,
     );
 
     // The full level's extra cost per test, by fork.
