@@ -55,7 +55,8 @@ pub fn run_test_process(spec: &ChildSpec, mut report: File) -> ! {
         }),
         None => registered_test_failure(&spec.test),
     };
-    report_and_exit(&mut report, failure)
+    write_outcome(&mut report, failure);
+    std::process::exit(0)
 }
 
 /// Runs the registered test `name` in this process (on its own thread) and judges it.
@@ -72,13 +73,12 @@ pub fn registered_test_failure(name: &str) -> Option<Failure> {
     }
 }
 
-/// Flushes what the test printed, writes its outcome to `report` and ends the process as a
-/// test process does (`exit(0)`: the outcome is in the record, not the exit code).
-pub fn report_and_exit(report: &mut File, failure: Option<Failure>) -> ! {
+/// Flushes what the test printed and writes its outcome to `report` (the process then ends
+/// with `exit(0)`: the outcome is in the record, not the exit code).
+pub fn write_outcome(report: &mut File, failure: Option<Failure>) {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     pertest::write_record(report, &Record::Outcome(ChildReport { failure }));
-    std::process::exit(0)
 }
 
 /// Replaces this process with `exec`'s program; returns only why that failed.

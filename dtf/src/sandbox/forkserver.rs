@@ -484,7 +484,8 @@ impl Server {
 /// block, copied once) and the null-terminated array of pointers to them, built in the
 /// server so that the forked child only points `environ` at it.
 struct Environment {
-    block: Vec<u8>,
+    /// Owns the strings `pointers` point at; never read through this field.
+    _block: Vec<u8>,
     pointers: Vec<*mut libc::c_char>,
 }
 
@@ -503,7 +504,10 @@ impl Environment {
             }
         }
         pointers.push(std::ptr::null_mut());
-        Environment { block, pointers }
+        Environment {
+            _block: block,
+            pointers,
+        }
     }
 
     /// Makes this the process's environment, for good: the strings and the array stay
@@ -516,14 +520,13 @@ impl Environment {
         unsafe extern "C" {
             static mut environ: *mut *mut libc::c_char;
         }
+        // Never dropped: the block and `pointers` stay allocated, unmoved, for the process.
         let mut this = std::mem::ManuallyDrop::new(self);
         // SAFETY: the caller guarantees a single thread; the array is null-terminated and
-        // every pointer in it points at a NUL-terminated string in `block`, which is never
-        // freed (nor moved: it is not touched again).
+        // every pointer in it points at a NUL-terminated string in the block.
         unsafe {
             environ = this.pointers.as_mut_ptr();
         }
-        let _ = &this.block;
     }
 }
 

@@ -146,9 +146,7 @@ impl Relay {
     /// the fork server (or the runner's group kill), which kills it.
     fn in_process(&mut self) -> ! {
         let failure = child::registered_test_failure(&self.spec.test);
-        let _ = std::io::stdout().flush();
-        let _ = std::io::stderr().flush();
-        write_record(&mut self.report, &Record::Outcome(ChildReport { failure }));
+        child::write_outcome(&mut self.report, failure);
         let leaked = catch_leaks();
         if !leaked.is_empty() {
             write_record(&mut self.report, &Record::Relay(RelayReport { leaked }));
