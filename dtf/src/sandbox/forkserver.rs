@@ -96,22 +96,16 @@ enum Message {
 // than JSON because it is encoded and decoded once per test on both sides, in whatever
 // profile the user's tests are built (usually unoptimised).
 
-/// A request: the head's length (4 bytes, little-endian), the head (JSON), then the
-/// environment as `NAME=VALUE\0` strings. A variable that cannot be in an environment (a NUL
-/// anywhere, `=` or nothing as its name) is left out, as exec would refuse it.
-fn encode_request(
-    id: u64,
-    spec: &ChildSpec,
-    cwd: &Option<PathBuf>,
-    env: &[(String, String)],
-) -> Result<Vec<u8>, String> {
-    let head = serde_json::to_vec(&RequestOut { id, spec, cwd })
-        .map_err(|e| format!("cannot encode the request: {e}"))?;
-    let head_len = u32::try_from(head.len()).map_err(|_| "the request is too large")?;
-    let env_len: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-    let mut out = Vec::with_capacity(4 + head.len() + env_len);
-    out.extend_from_slice(&head_len.to_le_bytes());
-    out.extend_from_slice(&head);
+/// A test's environment as a request carries it, and as the C library keeps one:
+/// `NAME=VALUE\0` strings. A variable that cannot be in an environment (a NUL anywhere, `=` or
+/// nothing as its name) is left out, as exec would refuse it.
+pub(crate) fn env_block(env: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(env.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
+    push_vars(&mut out, env);
+    out
+}
+
+fn push_vars(out: &mut Vec<u8>, env: &[(String, String)]) {
     for (name, value) in env {
         if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
             continue;
@@ -121,6 +115,27 @@ fn encode_request(
         out.extend_from_slice(value.as_bytes());
         out.push(0);
     }
+}
+
+/// A request: the head's length (4 bytes, little-endian), the head (JSON), then the
+/// environment: `block` (from [`env_block`], usually the same for every test of a run, so
+/// built once) and then `extra`, the variables of this test alone.
+fn encode_request(
+    id: u64,
+    spec: &ChildSpec,
+    cwd: &Option<PathBuf>,
+    block: &[u8],
+    extra: &[(String, String)],
+) -> Result<Vec<u8>, String> {
+    let head = serde_json::to_vec(&RequestOut { id, spec, cwd })
+        .map_err(|e| format!("cannot encode the request: {e}"))?;
+    let head_len = u32::try_from(head.len()).map_err(|_| "the request is too large")?;
+    let extra_len: usize = extra.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    let mut out = Vec::with_capacity(4 + head.len() + block.len() + extra_len);
+    out.extend_from_slice(&head_len.to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(block);
+    push_vars(&mut out, extra);
     Ok(out)
 }
 
@@ -235,10 +250,16 @@ pub fn run_warm_ups() -> Result<(), String> {
 
 /// The number of threads of this process, from `/proc/self/stat`; 0 when unknown.
 fn thread_count() -> usize {
-    use std::io::Read;
+    File::open("/proc/self/stat").map_or(0, |stat| threads_in(&stat))
+}
+
+/// The thread count in `stat`, this process's open `/proc/self/stat` (read again from its
+/// start: the kernel writes it afresh for every read at offset 0).
+fn threads_in(stat: &File) -> usize {
+    use std::os::unix::fs::FileExt;
     // One read into a buffer that holds any stat line (checked before every fork).
     let mut buf = [0u8; 4096];
-    let Ok(n) = File::open("/proc/self/stat").and_then(|mut file| file.read(&mut buf)) else {
+    let Ok(n) = stat.read_at(&mut buf, 0) else {
         return 0;
     };
     let Ok(stat) = std::str::from_utf8(&buf[..n]) else {
@@ -266,6 +287,10 @@ pub fn serve() -> ! {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     let failed = matches!(ready, Message::WarmUpFailed { .. });
+    if !failed && thread_count() == 1 {
+        // SAFETY: this process has one thread (checked just now).
+        let _ = unsafe { super::resident::make_resident() };
+    }
     send(socket.as_fd(), &ready);
     if failed {
         pertest::exit_now(1);
@@ -291,6 +316,8 @@ fn take_socket() -> OwnedFd {
 struct Server {
     socket: OwnedFd,
     signals: nix::sys::signalfd::SignalFd,
+    /// This process's `/proc/self/stat`, open for the check before each fork.
+    stat: Option<File>,
     /// Live per-test processes: pid → request id.
     running: HashMap<i32, u64>,
     /// Why the server stopped forking, once it has.
@@ -313,6 +340,7 @@ impl Server {
         Server {
             socket,
             signals,
+            stat: File::open("/proc/self/stat").ok(),
             running: HashMap::new(),
             refused: None,
             buf: vec![0u8; MAX_MESSAGE],
@@ -392,7 +420,10 @@ impl Server {
         if self.refused.is_some() {
             return None;
         }
-        let threads = thread_count();
+        let threads = match &self.stat {
+            Some(stat) => threads_in(stat),
+            None => thread_count(),
+        };
         if threads != 1 {
             self.refused = Some(format!(
                 "the fork server has {threads} threads (something started a thread before \
@@ -415,6 +446,9 @@ impl Server {
                 unsafe {
                     libc::close(self.socket.as_raw_fd());
                     libc::close(self.signals.as_fd().as_raw_fd());
+                    if let Some(stat) = &self.stat {
+                        libc::close(stat.as_raw_fd());
+                    }
                 }
                 let [stdout, stderr, result] = fds;
                 let mut spec = request.spec;
@@ -757,12 +791,13 @@ impl ForkServer {
         }
     }
 
-    /// Starts one per-test process. `fds` are its stdout, stderr and the result pipe's write
+    /// Starts one per-test process. `env` is its environment: a block from [`env_block`] and
+    /// the variables that follow it. `fds` are its stdout, stderr and the result pipe's write
     /// end; they are closed here once the server holds its copies.
     pub async fn spawn(
         &self,
         spec: &ChildSpec,
-        env: &[(String, String)],
+        env: (&[u8], &[(String, String)]),
         cwd: &Option<PathBuf>,
         fds: [OwnedFd; 3],
     ) -> Result<Forked, Refusal> {
@@ -770,7 +805,7 @@ impl ForkServer {
             return Err(Refusal::Fallback(reason));
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = encode_request(id, spec, cwd, env).map_err(Refusal::Fallback)?;
+        let bytes = encode_request(id, spec, cwd, env.0, env.1).map_err(Refusal::Fallback)?;
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
         self.inner.lock_pending().insert(
@@ -921,7 +956,7 @@ mod tests {
 
     #[test]
     fn a_request_round_trips_and_leaves_out_what_no_environment_can_hold() {
-        let env = vec![
+        let env = [
             ("PATH".to_owned(), "/bin:/usr/bin".to_owned()),
             ("EMPTY".to_owned(), String::new()),
             ("WITH=EQUALS".to_owned(), "x".to_owned()),
@@ -930,7 +965,8 @@ mod tests {
             ("UTF8".to_owned(), "grüße=ja".to_owned()),
         ];
         let cwd = Some(PathBuf::from("/work"));
-        let bytes = encode_request(7, &spec(), &cwd, &env).expect("encodes");
+        let (first, extra) = env.split_at(4);
+        let bytes = encode_request(7, &spec(), &cwd, &env_block(first), extra).expect("encodes");
         let (request, block) = decode_request(&bytes).expect("decodes");
         assert_eq!(request.id, 7);
         assert_eq!(request.spec.test, "a::b");
@@ -955,7 +991,7 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_refused_not_misread() {
-        let bytes = encode_request(1, &spec(), &None, &[("A".into(), "b".into())]).unwrap();
+        let bytes = encode_request(1, &spec(), &None, &[], &[("A".into(), "b".into())]).unwrap();
         assert!(decode_request(&bytes[..2]).is_none(), "a cut length");
         assert!(decode_request(&bytes[..10]).is_none(), "a cut head");
         assert!(

@@ -17,6 +17,7 @@ pub mod forkserver;
 pub mod namespaces;
 pub mod paths;
 pub mod pertest;
+mod resident;
 pub mod rundir;
 
 use std::io::Read;
@@ -185,6 +186,15 @@ pub struct Sandbox {
     paths: Option<paths::PathMap>,
     server: Arc<ServerSlot>,
     dirs: Arc<DirPool>,
+    env_block: Arc<std::sync::Mutex<Option<EnvBlock>>>,
+}
+
+/// The last environment block built for a forked test, and what it was built from.
+#[derive(Debug)]
+struct EnvBlock {
+    env: Vec<(String, String)>,
+    isolated: bool,
+    block: Arc<[u8]>,
 }
 
 /// The fork server of a sandbox: started once, or why not.
@@ -209,6 +219,7 @@ impl Sandbox {
             paths: None,
             server: Arc::default(),
             dirs: Arc::default(),
+            env_block: Arc::default(),
         }
     }
 
@@ -310,7 +321,7 @@ impl Sandbox {
         // A directory a test before left as it found it, or a new one, only named here: the
         // spawner makes it (in the forked child, off this thread, or before an exec).
         let tmp = if isolated {
-            Some(self.dirs.take(&self.tmp_root, &spec.test)?)
+            Some(self.dirs.take(&self.tmp_root)?)
         } else {
             None
         };
@@ -353,14 +364,14 @@ impl Sandbox {
             paths: self.paths.clone(),
             dir: tmp.as_ref().map(|t| t.path().to_path_buf()),
         };
-        let mut vars = spec.env.clone();
-        if isolated {
-            env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
-        }
-        if let Some(tmp) = &tmp {
-            vars.push(("HOME".to_owned(), tmp.home().display().to_string()));
-            vars.push(("TMPDIR".to_owned(), tmp.tmp().display().to_string()));
-        }
+        // The test's own variables, after the run's (and winning over them).
+        let own: Vec<(String, String)> = match &tmp {
+            Some(tmp) => vec![
+                ("HOME".to_owned(), tmp.home().display().to_string()),
+                ("TMPDIR".to_owned(), tmp.tmp().display().to_string()),
+            ],
+            None => Vec::new(),
+        };
         let cwd = spec
             .cwd
             .as_deref()
@@ -377,7 +388,8 @@ impl Sandbox {
         let forked = if forks {
             match self.fork_server().await {
                 Ok(server) => {
-                    self.fork(&server, &child_spec, &vars, &cwd, spec.capture)
+                    let block = self.env_block(&spec.env, isolated, &own);
+                    self.fork(&server, &child_spec, (&block, &own), &cwd, spec.capture)
                         .await?
                 }
                 Err(StartError::WarmUp(message)) => return Err(message),
@@ -392,6 +404,11 @@ impl Sandbox {
                 if let Some(tmp) = &tmp {
                     make_test_dir(tmp.path())?;
                 }
+                let mut vars = spec.env.clone();
+                if isolated {
+                    env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
+                }
+                vars.extend(own);
                 self.exec(&per_test, &child_spec, &vars, &cwd, spec.capture)?
             }
         };
@@ -470,7 +487,7 @@ impl Sandbox {
             failure => failure,
         };
         let kept_tmp = match tmp {
-            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep()),
+            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep(&spec.test)),
             Some(tmp) => {
                 self.dirs.give_back(tmp);
                 None
@@ -489,13 +506,44 @@ impl Sandbox {
 }
 
 impl Sandbox {
+    /// The environment block of a forked test whose run gives it `env` (with the toolchain
+    /// homes when `isolated`), without the variables in `own`, which follow it and would be
+    /// found second. Most tests of a run share one `env`: the last block is kept, and built
+    /// again only for a test whose variables differ.
+    fn env_block(
+        &self,
+        env: &[(String, String)],
+        isolated: bool,
+        own: &[(String, String)],
+    ) -> Arc<[u8]> {
+        let mut last = self.env_block.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = last
+            .as_ref()
+            .filter(|l| l.isolated == isolated && l.env == env)
+        {
+            return last.block.clone();
+        }
+        let mut vars = env.to_vec();
+        if isolated {
+            env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
+        }
+        vars.retain(|(name, _)| !own.iter().any(|(n, _)| n == name));
+        let block: Arc<[u8]> = forkserver::env_block(&vars).into();
+        *last = Some(EnvBlock {
+            env: env.to_vec(),
+            isolated,
+            block: block.clone(),
+        });
+        block
+    }
+
     /// Starts the per-test process from the fork server; `None` when the server will not fork
     /// (the test then starts by exec, after a note).
     async fn fork(
         &self,
         server: &ForkServer,
         child_spec: &ChildSpec,
-        env: &[(String, String)],
+        env: (&[u8], &[(String, String)]),
         cwd: &Option<PathBuf>,
         capture: bool,
     ) -> Result<Option<Started>, String> {
@@ -743,9 +791,9 @@ impl Drop for GroupGuard {
 /// Making and removing three directories costs more than a forked test on some file systems
 /// (on ext4 every removal frees a block, with a discard), so a directory that a test left
 /// exactly as it found it (both empty, nothing else beside them, modes and types intact) goes
-/// back to the sandbox's [`DirPool`] and the next test gets it, renamed after that test;
-/// anything else is removed and the next test gets a new one. A test cannot tell a reused
-/// directory from a new one.
+/// back to the sandbox's [`DirPool`] and the next test gets it as it is; anything else is
+/// removed and the next test gets a new one. A test cannot tell a reused directory from a new
+/// one.
 #[derive(Debug)]
 struct TestDir(PathBuf);
 
@@ -775,13 +823,16 @@ impl TestDir {
         self.0.join("tmp")
     }
 
-    /// Keeps the directory: it moves out of the run directory (which is removed with its
-    /// runner) next to it, and its path is returned.
-    fn keep(mut self) -> String {
+    /// Keeps the directory of the failed `test`: it moves out of the run directory (which is
+    /// removed with its runner) next to it, named after the test (`dtf-NAME-N`), and its path
+    /// is returned.
+    fn keep(mut self, test: &str) -> String {
         let dir = std::mem::take(&mut self.0);
         let moved = match (dir.parent().and_then(Path::parent), dir.file_name()) {
             (Some(outside), Some(name)) => {
-                let target = outside.join(name);
+                let n = name.to_string_lossy();
+                let n = n.rsplit('-').next().unwrap_or_default();
+                let target = outside.join(format!("dtf-{}-{n}", file_name_part(test)));
                 match std::fs::rename(&dir, &target) {
                     Ok(()) => target,
                     Err(_) => dir,
@@ -807,18 +858,16 @@ impl Drop for TestDir {
 struct DirPool(std::sync::Mutex<Vec<PathBuf>>);
 
 impl DirPool {
-    /// A directory for `test`, named after it: a free one renamed (one cheap call), or a new
-    /// name in `root` (made once) for one.
-    fn take(&self, root: &Path, test: &str) -> Result<TestDir, String> {
-        let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
-        let path = root.join(format!("dtf-{}-{n}", file_name_part(test)));
+    /// A directory for the next test: a free one as it is, or a new name in `root` (made
+    /// once) for one. Directories are numbered, not named after tests: a kept one is renamed
+    /// after its test when it is kept.
+    fn take(&self, root: &Path) -> Result<TestDir, String> {
         let free = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
         if let Some(free) = free {
-            if std::fs::rename(&free, &path).is_ok() {
-                return Ok(TestDir(path));
-            }
-            let _ = std::fs::remove_dir_all(&free);
+            return Ok(TestDir(free));
         }
+        let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
+        let path = root.join(format!("dtf-{n}"));
         if !root.is_dir() {
             std::fs::create_dir_all(root)
                 .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
@@ -941,6 +990,11 @@ fn result_pipe() -> Result<(OwnedFd, OwnedFd), String> {
     Ok((read, write))
 }
 
+/// [`Record::Outcome`] of a test that passed, as it is written.
+const PASSED_LINE: &[u8] = br#"{"outcome":{"failure":null}}"#;
+/// [`Record::Relay`] of a test that leaked nothing, as it is written.
+const NOTHING_LEAKED_LINE: &[u8] = br#"{"relay":{"leaked":[]}}"#;
+
 /// Reads the records once the per-test process has exited: whatever it and the test process
 /// wrote is in the pipe's buffer. A line that is not a record (a descendant that wrote to an
 /// inherited descriptor) is ignored.
@@ -962,6 +1016,16 @@ fn read_records(fd: &OwnedFd) -> (Option<ChildReport>, RelayReport) {
         }
     }
     for line in bytes.split(|&b| b == b'\n') {
+        // The usual two lines, recognised without a parse (which is slow in the unoptimised
+        // builds `cargo test` makes).
+        if line == PASSED_LINE {
+            outcome.get_or_insert(ChildReport { failure: None });
+            continue;
+        }
+        if line == NOTHING_LEAKED_LINE {
+            relay = RelayReport::default();
+            continue;
+        }
         match serde_json::from_slice(line) {
             Ok(Record::Outcome(report)) if outcome.is_none() => outcome = Some(report),
             Ok(Record::Relay(report)) => relay = report,
@@ -1057,6 +1121,27 @@ mod tests {
             std::fs::write(dir.path().join(format!("home/file-{i:04}")), b"").unwrap();
         }
         assert!(!dir.is_pristine());
+    }
+
+    #[test]
+    fn the_usual_records_are_the_lines_read_without_a_parse() {
+        let passed = Record::Outcome(ChildReport { failure: None });
+        let clean = Record::Relay(RelayReport::default());
+        assert_eq!(serde_json::to_vec(&passed).unwrap(), PASSED_LINE);
+        assert_eq!(serde_json::to_vec(&clean).unwrap(), NOTHING_LEAKED_LINE);
+        let (read, write) = result_pipe().unwrap();
+        let mut write = std::fs::File::from(write);
+        use std::io::Write;
+        write
+            .write_all(b"{\"relay\":{\"leaked\":[\"sleep\"]}}\n")
+            .unwrap();
+        write.write_all(PASSED_LINE).unwrap();
+        write.write_all(b"\n").unwrap();
+        write.write_all(PASSED_LINE).unwrap();
+        drop(write);
+        let (outcome, relay) = read_records(&read);
+        assert!(outcome.is_some_and(|o| o.failure.is_none()));
+        assert_eq!(relay.leaked, vec!["sleep".to_owned()]);
     }
 
     #[test]
