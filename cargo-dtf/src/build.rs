@@ -41,6 +41,8 @@ pub struct Workspace {
     pub target_dir: PathBuf,
     /// Packages with a library whose doctests `cargo test` would run.
     pub doctest_packages: Vec<String>,
+    /// `cargo metadata`'s output (JSON), for the checks that read more of it.
+    pub metadata: Vec<u8>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +140,7 @@ pub fn metadata(args: &BuildArgs) -> Result<Workspace, String> {
         root: meta.workspace_root,
         target_dir: meta.target_directory,
         doctest_packages,
+        metadata: out.stdout,
     })
 }
 
@@ -231,8 +234,24 @@ pub enum Built {
     Failed(i32),
 }
 
-/// Builds the test targets as `cargo test` would and returns their executables.
-pub fn build(args: &BuildArgs) -> Result<Built, String> {
+/// A build under way (see [`start`]): killed if dropped before [`Building::finish`].
+pub struct Building {
+    child: Option<std::process::Child>,
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts building the test targets as `cargo test` would; [`Building::finish`] waits for the
+/// executables. What runs meanwhile (reading the workspace's metadata) overlaps cargo's own
+/// start and its freshness checks.
+pub fn start(args: &BuildArgs) -> Result<Building, String> {
     let mut cmd = Command::new(cargo());
     cmd.args([
         "test",
@@ -244,9 +263,23 @@ pub fn build(args: &BuildArgs) -> Result<Built, String> {
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| format!("cannot run `cargo test --no-run`: {e}"))?;
+    Ok(Building { child: Some(child) })
+}
+
+impl Building {
+    /// Waits for the build and returns its test executables.
+    pub fn finish(mut self) -> Result<Built, String> {
+        let Some(child) = self.child.take() else {
+            return Err("the build was already waited for".to_owned());
+        };
+        read_build(child)
+    }
+}
+
+fn read_build(mut child: std::process::Child) -> Result<Built, String> {
     let stdout = child.stdout.take().ok_or("cargo's output is missing")?;
     let mut binaries = Vec::new();
     let mut versions: HashMap<String, String> = HashMap::new();

@@ -150,6 +150,9 @@ fn discover(
     flag_env: &[(&'static str, String)],
     runner: &[String],
 ) -> Result<Result<Discovered, i32>, String> {
+    // The build starts first: cargo's start and freshness checks overlap reading the metadata
+    // and the config (a failure there stops the build).
+    let building = build::start(build_args)?;
     let workspace = build::metadata(build_args)?;
     let path = Config::find(&workspace.root).or_else(|| {
         let candidate = workspace.root.join(dtf::config::FILE);
@@ -165,7 +168,7 @@ fn discover(
         }
         std::env::set_var(dtf::config::PROFILE_VAR, &config.profile_name);
     }
-    let binaries = match build::build(build_args)? {
+    let binaries = match building.finish()? {
         Built::Binaries(b) => b,
         Built::Failed(code) => return Ok(Err(if code == 0 { 101 } else { code })),
     };
@@ -488,7 +491,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         mut candidates,
         ..
     } = discovered;
-    check_runnable(&args, &binaries)?;
+    check_runnable(&args, &binaries, &workspace.metadata)?;
 
     let history_dir = std::env::var_os(history::DIR_VAR)
         .filter(|v| !v.is_empty())
@@ -816,7 +819,7 @@ fn target_runner(build: &crate::cli::BuildArgs) -> Result<Vec<String>, String> {
 
 /// Test functions of `harness = false` targets that dtf would not run (read from the sources
 /// by the scanner of `cargo dtf migrate`) fail the run, unless `--allow-unrunnable`.
-fn check_runnable(args: &RunArgs, binaries: &[Binary]) -> Result<(), String> {
+fn check_runnable(args: &RunArgs, binaries: &[Binary], metadata: &[u8]) -> Result<(), String> {
     let mut packages: Vec<String> = binaries.iter().map(|b| b.package.clone()).collect();
     packages.sort();
     packages.dedup();
@@ -824,7 +827,7 @@ fn check_runnable(args: &RunArgs, binaries: &[Binary]) -> Result<(), String> {
         return Ok(());
     }
     let manifest = args.build.manifest_path.as_deref().map(Path::new);
-    let found = crate::migrate::unrunnable(manifest, &packages)?;
+    let found = crate::migrate::unrunnable_of(metadata, manifest, &packages)?;
     if found.is_empty() {
         return Ok(());
     }

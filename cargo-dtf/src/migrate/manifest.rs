@@ -97,7 +97,17 @@ pub fn load(manifest_path: Option<&Path>, select: &[String]) -> Result<Workspace
             String::from_utf8_lossy(&output.stderr).trim()
         ));
     }
-    let meta: serde_json::Value = serde_json::from_slice(&output.stdout)
+    from_metadata(&output.stdout, manifest_path, select)
+}
+
+/// The workspace as `metadata` (the output of `cargo metadata --format-version 1 --no-deps`
+/// for `manifest_path`) describes it, with the packages named in `select` (all when empty).
+pub fn from_metadata(
+    metadata: &[u8],
+    manifest_path: Option<&Path>,
+    select: &[String],
+) -> Result<Workspace, String> {
+    let meta: serde_json::Value = serde_json::from_slice(metadata)
         .map_err(|e| format!("cannot read cargo metadata's output: {e}"))?;
     let root = PathBuf::from(meta["workspace_root"].as_str().unwrap_or("."));
     let mut packages = Vec::new();

@@ -86,7 +86,20 @@ pub fn unrunnable(
     manifest_path: Option<&Path>,
     packages: &[String],
 ) -> Result<Vec<Unrunnable>, String> {
-    let workspace = manifest::load(manifest_path, packages)?;
+    unrunnable_in(&manifest::load(manifest_path, packages)?)
+}
+
+/// [`unrunnable`] of the `packages` that `metadata` (`cargo metadata`'s output, read already)
+/// describes.
+pub fn unrunnable_of(
+    metadata: &[u8],
+    manifest_path: Option<&Path>,
+    packages: &[String],
+) -> Result<Vec<Unrunnable>, String> {
+    unrunnable_in(&manifest::from_metadata(metadata, manifest_path, packages)?)
+}
+
+fn unrunnable_in(workspace: &manifest::Workspace) -> Result<Vec<Unrunnable>, String> {
     let mut found = Vec::new();
     for package in &workspace.packages {
         for target in &package.targets {

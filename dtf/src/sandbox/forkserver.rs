@@ -287,7 +287,10 @@ pub fn serve() -> ! {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     let failed = matches!(ready, Message::WarmUpFailed { .. });
-    if !failed && thread_count() == 1 {
+    // In unoptimised builds only: their code is spread over many pages, and each forked test
+    // would fault in a hundred or more of them; an optimised binary's tests touch few, and
+    // copying its image costs more per server than it saves (docs/design.md).
+    if cfg!(debug_assertions) && !failed && thread_count() == 1 {
         // SAFETY: this process has one thread (checked just now).
         let _ = unsafe { super::resident::make_resident() };
     }

@@ -8,7 +8,8 @@
 //! the server, once, reads each read-only mapping of its executable from the file into
 //! anonymous memory (on huge pages where the range allows) and moves the copy over the
 //! original, at the same address, with the same protection and the same bytes. Its children
-//! start with all of it mapped, through a few huge-page entries per fork.
+//! start with all of it mapped, through a few huge-page entries per fork. The server does this
+//! in unoptimised builds only (where code is spread over many pages); see `forkserver::serve`.
 //!
 //! Only mappings that hold the file's bytes unchanged are copied (none of their pages written,
 //! as relocated read-only data has been); the shared libraries are left alone (measured: for
