@@ -122,16 +122,46 @@ impl Scheduler {
     /// test that needs more slots than a target has at all is given to an idle target: pass
     /// its whole size as `free` when it is idle.
     pub fn next_job_within(&mut self, free: usize) -> Option<Job> {
+        self.next_job_preferring(free, 1, |_| 0)
+    }
+
+    /// Like [`next_job_within`](Self::next_job_within), but among the first `window` attempts
+    /// that fit, the one of lowest `rank` (the first of those on a tie). A dispatcher ranks by
+    /// what is cheap where the attempt goes (a worker that already runs the test's binary), and
+    /// the window bounds how far that may reorder the queue.
+    pub fn next_job_preferring(
+        &mut self,
+        free: usize,
+        window: usize,
+        rank: impl Fn(usize) -> u8,
+    ) -> Option<Job> {
         if self.stopped || free == 0 {
             return None;
         }
-        let position = self.queue.iter().position(|&test| {
+        let fits = |test: usize| {
             self.limits.threads_of(test) <= free
                 && self
                     .limits
                     .group_of(test)
                     .is_none_or(|g| self.group_running[g] < self.limits.group_max[g])
-        })?;
+        };
+        let mut best: Option<(u8, usize)> = None;
+        for (position, &test) in self
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|&(_, &test)| fits(test))
+            .take(window.max(1))
+        {
+            let r = rank(test);
+            if best.is_none_or(|(b, _)| r < b) {
+                best = Some((r, position));
+                if r == 0 {
+                    break;
+                }
+            }
+        }
+        let (_, position) = best?;
         let test = self.queue.remove(position)?;
         if let Some(g) = self.limits.group_of(test) {
             self.group_running[g] += 1;
@@ -444,6 +474,24 @@ mod tests {
             1,
             "the group has room again"
         );
+    }
+
+    #[test]
+    fn a_preference_reorders_only_within_its_window() {
+        let mut s = Scheduler::new(vec![0, 1, 2, 3, 4, 5], &[0; 6]);
+        // Rank: 3 and 5 are preferred; with a window of 3 only 3 is within reach.
+        let rank = |t: usize| if t == 3 || t == 5 { 0 } else { 1 };
+        assert_eq!(s.next_job_preferring(1, 3, rank).map(|j| j.test), Some(0));
+        assert_eq!(s.next_job_preferring(1, 3, rank).map(|j| j.test), Some(3));
+        // Queue 1, 2, 4, 5: the window of 3 holds no preferred test, so the head goes.
+        assert_eq!(s.next_job_preferring(1, 3, rank).map(|j| j.test), Some(1));
+        // Queue 2, 4, 5: 5 is in reach now.
+        assert_eq!(s.next_job_preferring(1, 3, rank).map(|j| j.test), Some(5));
+        // Lower is better, ties keep the queue's order.
+        let rank = |t: usize| if t == 4 { 1 } else { 2 };
+        assert_eq!(s.next_job_preferring(1, 8, rank).map(|j| j.test), Some(4));
+        assert_eq!(s.next_job_preferring(1, 8, rank).map(|j| j.test), Some(2));
+        assert_eq!(s.next_job_preferring(1, 8, rank), None);
     }
 
     #[test]

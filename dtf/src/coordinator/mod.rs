@@ -676,6 +676,8 @@ struct Remote {
     shipped: u64,
     setup: Duration,
     connections: usize,
+    /// The binaries (by plan index) it has been sent tests of: it has their fork servers up.
+    binaries: HashSet<usize>,
 }
 
 impl Remote {
@@ -698,6 +700,7 @@ impl Remote {
             ping: None,
             ran: 0,
             shipped: 0,
+            binaries: HashSet::new(),
             setup: Duration::ZERO,
             connections: 0,
         }
@@ -1061,7 +1064,29 @@ impl<'a> Dispatcher<'a> {
             } else {
                 self.capacity(any) - load
             };
-            let Some(job) = self.scheduler.next_job_within(free) else {
+            // A worker starts a fork server per binary (a few milliseconds each): among the
+            // next tests in line, one of a binary it already runs goes first, then one of a
+            // binary no worker runs yet, so binaries spread over workers instead of every
+            // worker starting every binary. The window keeps the start order close to the
+            // queue's (longest first, by history).
+            let job = match any {
+                Target::Remote(i) => {
+                    let window = 2 * self.targets().map(|t| self.capacity(t)).sum::<usize>();
+                    let (remotes, tests) = (&self.remotes, &self.plan.tests);
+                    self.scheduler.next_job_preferring(free, window, |test| {
+                        let binary = tests[test].binary;
+                        if remotes[i].binaries.contains(&binary) {
+                            0
+                        } else if remotes.iter().all(|r| !r.binaries.contains(&binary)) {
+                            1
+                        } else {
+                            2
+                        }
+                    })
+                }
+                Target::Local => self.scheduler.next_job_within(free),
+            };
+            let Some(job) = job else {
                 return;
             };
             // Unless another target fits it and has not failed it already.
@@ -1161,6 +1186,7 @@ impl<'a> Dispatcher<'a> {
                     self.scheduler.declined(job);
                     return;
                 };
+                self.remotes[i].binaries.insert(test.binary);
                 let request = RunRequest {
                     digest: self.digests[test.binary],
                     inputs: self.tree_of(test.binary).map(|t| t.digest),

@@ -321,7 +321,7 @@ impl Sandbox {
         // A directory a test before left as it found it, or a new one, only named here: the
         // spawner makes it (in the forked child, off this thread, or before an exec).
         let tmp = if isolated {
-            Some(self.dirs.take(&self.tmp_root)?)
+            Some(self.dirs.take(&self.tmp_root, &spec.test)?)
         } else {
             None
         };
@@ -487,7 +487,7 @@ impl Sandbox {
             failure => failure,
         };
         let kept_tmp = match tmp {
-            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep(&spec.test)),
+            Some(tmp) if failure.is_some() && self.keep_failed_tmp => Some(tmp.keep()),
             Some(tmp) => {
                 self.dirs.give_back(tmp);
                 None
@@ -791,8 +791,8 @@ impl Drop for GroupGuard {
 /// Making and removing three directories costs more than a forked test on some file systems
 /// (on ext4 every removal frees a block, with a discard), so a directory that a test left
 /// exactly as it found it (both empty, nothing else beside them, modes and types intact) goes
-/// back to the sandbox's [`DirPool`] and the next test gets it as it is; anything else is
-/// removed and the next test gets a new one. A test cannot tell a reused directory from a new
+/// back to the sandbox's [`DirPool`] and the next test gets it, renamed after that test;
+/// anything else is removed and the next test gets a new one. A test cannot tell a reused directory from a new
 /// one.
 #[derive(Debug)]
 struct TestDir(PathBuf);
@@ -823,16 +823,13 @@ impl TestDir {
         self.0.join("tmp")
     }
 
-    /// Keeps the directory of the failed `test`: it moves out of the run directory (which is
-    /// removed with its runner) next to it, named after the test (`dtf-NAME-N`), and its path
-    /// is returned.
-    fn keep(mut self, test: &str) -> String {
+    /// Keeps the directory: it moves out of the run directory (which is removed with its
+    /// runner) next to it, and its path is returned.
+    fn keep(mut self) -> String {
         let dir = std::mem::take(&mut self.0);
         let moved = match (dir.parent().and_then(Path::parent), dir.file_name()) {
             (Some(outside), Some(name)) => {
-                let n = name.to_string_lossy();
-                let n = n.rsplit('-').next().unwrap_or_default();
-                let target = outside.join(format!("dtf-{}-{n}", file_name_part(test)));
+                let target = outside.join(name);
                 match std::fs::rename(&dir, &target) {
                     Ok(()) => target,
                     Err(_) => dir,
@@ -858,16 +855,18 @@ impl Drop for TestDir {
 struct DirPool(std::sync::Mutex<Vec<PathBuf>>);
 
 impl DirPool {
-    /// A directory for the next test: a free one as it is, or a new name in `root` (made
-    /// once) for one. Directories are numbered, not named after tests: a kept one is renamed
-    /// after its test when it is kept.
-    fn take(&self, root: &Path) -> Result<TestDir, String> {
+    /// A directory for `test`, named after it: a free one renamed (one cheap call), or a new
+    /// name in `root` (made once) for one.
+    fn take(&self, root: &Path, test: &str) -> Result<TestDir, String> {
+        let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
+        let path = root.join(format!("dtf-{}-{n}", file_name_part(test)));
         let free = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
         if let Some(free) = free {
-            return Ok(TestDir(free));
+            if std::fs::rename(&free, &path).is_ok() {
+                return Ok(TestDir(path));
+            }
+            let _ = std::fs::remove_dir_all(&free);
         }
-        let n = TEST_DIRS.fetch_add(1, Ordering::Relaxed);
-        let path = root.join(format!("dtf-{n}"));
         if !root.is_dir() {
             std::fs::create_dir_all(root)
                 .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
