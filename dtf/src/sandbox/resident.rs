@@ -119,8 +119,9 @@ pub unsafe fn make_resident() -> Result<usize, String> {
             "the program's image is too large to copy ({total} bytes)"
         ));
     }
-    let exe =
-        File::open(&exe_path).map_err(|e| format!("cannot open {}: {e}", exe_path.display()))?;
+    // The mapped file itself, whatever its path names now.
+    let exe = File::open("/proc/self/exe")
+        .map_err(|e| format!("cannot open {}: {e}", exe_path.display()))?;
     let mut moved = 0;
     for mapping in mappings {
         // SAFETY: the caller guarantees a single thread; `mapping` is a live mapping of this
