@@ -319,7 +319,8 @@ fn take_socket() -> OwnedFd {
 struct Server {
     socket: OwnedFd,
     signals: nix::sys::signalfd::SignalFd,
-    /// This process's `/proc/self/stat`, open for the check before each fork.
+    /// This process's `/proc/self/stat`, open for the check before each fork (without it the
+    /// count is 0, and the server does not fork).
     stat: Option<File>,
     /// Live per-test processes: pid → request id.
     running: HashMap<i32, u64>,
@@ -423,10 +424,7 @@ impl Server {
         if self.refused.is_some() {
             return None;
         }
-        let threads = match &self.stat {
-            Some(stat) => threads_in(stat),
-            None => thread_count(),
-        };
+        let threads = self.stat.as_ref().map_or(0, threads_in);
         if threads != 1 {
             self.refused = Some(format!(
                 "the fork server has {threads} threads (something started a thread before \

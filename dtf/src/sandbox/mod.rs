@@ -404,10 +404,7 @@ impl Sandbox {
                 if let Some(tmp) = &tmp {
                     make_test_dir(tmp.path())?;
                 }
-                let mut vars = spec.env.clone();
-                if isolated {
-                    env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
-                }
+                let mut vars = run_vars(&spec.env, isolated);
                 vars.extend(own);
                 self.exec(&per_test, &child_spec, &vars, &cwd, spec.capture)?
             }
@@ -523,10 +520,7 @@ impl Sandbox {
         {
             return last.block.clone();
         }
-        let mut vars = env.to_vec();
-        if isolated {
-            env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
-        }
+        let mut vars = run_vars(env, isolated);
         vars.retain(|(name, _)| !own.iter().any(|(n, _)| n == name));
         let block: Arc<[u8]> = forkserver::env_block(&vars).into();
         *last = Some(EnvBlock {
@@ -621,6 +615,16 @@ impl Sandbox {
             waiter: Waiter::Exec(child),
         })
     }
+}
+
+/// A test's variables from its run, `env`, with the toolchain homes when `isolated` (before
+/// its own `HOME` and `TMPDIR`).
+fn run_vars(env: &[(String, String)], isolated: bool) -> Vec<(String, String)> {
+    let mut vars = env.to_vec();
+    if isolated {
+        env::add_toolchain_homes(&mut vars, |name| std::env::var(name).ok());
+    }
+    vars
 }
 
 /// A started per-test process, whichever way it started.
@@ -792,8 +796,8 @@ impl Drop for GroupGuard {
 /// (on ext4 every removal frees a block, with a discard), so a directory that a test left
 /// exactly as it found it (both empty, nothing else beside them, modes and types intact) goes
 /// back to the sandbox's [`DirPool`] and the next test gets it, renamed after that test;
-/// anything else is removed and the next test gets a new one. A test cannot tell a reused directory from a new
-/// one.
+/// anything else is removed and the next test gets a new one. A test cannot tell a reused
+/// directory from a new one.
 #[derive(Debug)]
 struct TestDir(PathBuf);
 
