@@ -124,7 +124,10 @@ fn a_server_with_a_thread_falls_back_to_exec_with_one_note() {
 
 #[test]
 fn a_worker_runs_the_tests_of_a_run_from_a_fork_server_of_its_own() {
-    let dir = out_dir();
+    // The worker's server sees the coordinator's paths as its tests do: the shipped copy of
+    // the input tree, which holds no warm-up log. Its log goes outside the tree (the tests it
+    // forks inherit the warm-up, so none runs in a level `full` process with a private /tmp).
+    let dir = tempfile::tempdir().expect("a directory for the warm-up log");
     let worker = worker_binary();
     let run = run_warm(
         "fork",

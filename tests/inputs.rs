@@ -457,3 +457,32 @@ fn a_hostile_manifest_is_refused_and_the_worker_keeps_serving() {
     let status = worker.status();
     assert!(status["uptime_secs"].is_u64(), "{status}");
 }
+
+/// The worker's fork server maps the coordinator's paths once for all the tests it forks
+/// (rather than each test making a namespace of its own); what a test mounts still ends with
+/// it. As root, a test keeps the capabilities to mount: the second probe fails if it sees the
+/// first one's mount.
+#[test]
+fn a_test_s_mounts_on_a_worker_end_with_it() {
+    let binary = test_binary("dtf-fixture", "package_root");
+    let package = workspace_root().join("tests/fixture");
+    let worker = hidden_worker(&[]);
+    let mut cmd = dtf_command(&binary);
+    cmd.current_dir(&package)
+        .env("CARGO_MANIFEST_DIR", &package)
+        .args(["--ignored", "--test-threads", "1", "--order", "name"]);
+    on_worker(&mut cmd, &worker);
+    let run = run_bounded(&mut cmd, LIMIT);
+    assert_eq!(run.code, Some(0), "{}", run.dump());
+    assert!(
+        run.stdout.contains("test result: ok. 2 passed")
+            && run.stdout.contains(&format!("{} ran 2", worker.addr)),
+        "both probes ran on the worker:\n{}",
+        run.dump()
+    );
+    assert!(
+        !run.stderr.contains("instead of from the fork server"),
+        "the tests were forked from the worker's fork server:\n{}",
+        run.dump()
+    );
+}

@@ -314,12 +314,23 @@ pub struct Binary {
 }
 
 impl Binary {
-    /// Hashes the binary at `path`, streaming it (no copy of it is kept).
+    /// Hashes the binary at `path`, streaming it (no copy of it is kept), unless its digest
+    /// was recorded for exactly this file (see [`digest_cache`]).
     pub fn read(path: &std::path::Path) -> std::io::Result<Binary> {
+        let file = std::fs::File::open(path)?;
+        let stamp = digest_cache::Stamp::of(&file.metadata()?);
+        if let Some(digest) = digest_cache::recorded(path, &stamp) {
+            return Ok(Binary {
+                digest,
+                path: path.to_path_buf(),
+            });
+        }
         let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(std::fs::File::open(path)?)?;
+        hasher.update_reader(file)?;
+        let digest = Digest(*hasher.finalize().as_bytes());
+        digest_cache::record(path, &stamp, digest, digest_cache::SETTLE);
         Ok(Binary {
-            digest: Digest(*hasher.finalize().as_bytes()),
+            digest,
             path: path.to_path_buf(),
         })
     }
@@ -778,5 +789,181 @@ mod tests {
         );
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("absent"), "{problems:?}");
+    }
+}
+
+/// Binary digests remembered between runs, as Bazel's digest cache does: a warm run does not
+/// read its binaries at all.
+///
+/// A digest is kept beside the binary, in `.dtf-digests/NAME` of its directory, with the
+/// file's device, inode, size, and modification and change times. It is used only when all of
+/// them still match: rewriting a file, or replacing it (as the linker does), changes its change
+/// time or its inode, and the change time cannot be set back from user space. As in git's index,
+/// a file changed within the last [`SETTLE`] is not recorded: a second change within the same
+/// clock tick would keep its times. A binary about to be shipped is hashed again anyway. A
+/// directory that cannot be written just goes uncached.
+pub mod digest_cache {
+    use crate::protocol::Digest;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, SystemTime};
+
+    /// How long ago a file must have changed for its digest to be recorded.
+    pub const SETTLE: Duration = Duration::from_secs(2);
+
+    /// What identifies one version of a file.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Stamp {
+        text: String,
+        changed: Option<SystemTime>,
+    }
+
+    impl Stamp {
+        /// The stamp of the file `meta` describes.
+        pub fn of(meta: &std::fs::Metadata) -> Stamp {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                let changed = u64::try_from(meta.ctime()).ok().map(|secs| {
+                    SystemTime::UNIX_EPOCH
+                        + Duration::new(secs, u32::try_from(meta.ctime_nsec()).unwrap_or(0))
+                });
+                Stamp {
+                    text: format!(
+                        "{} {} {} {}.{} {}.{}",
+                        meta.dev(),
+                        meta.ino(),
+                        meta.len(),
+                        meta.mtime(),
+                        meta.mtime_nsec(),
+                        meta.ctime(),
+                        meta.ctime_nsec()
+                    ),
+                    changed,
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                // Without a change time nothing is trustworthy enough: never recorded.
+                let _ = meta;
+                Stamp {
+                    text: String::new(),
+                    changed: None,
+                }
+            }
+        }
+    }
+
+    const HEADER: &str = "dtf-digest 1";
+
+    fn entry(path: &Path) -> Option<PathBuf> {
+        let name = path.file_name()?;
+        Some(path.parent()?.join(".dtf-digests").join(name))
+    }
+
+    /// The digest recorded for `path` at `stamp`, if any.
+    pub fn recorded(path: &Path, stamp: &Stamp) -> Option<Digest> {
+        if stamp.text.is_empty() {
+            return None;
+        }
+        let text = std::fs::read_to_string(entry(path)?).ok()?;
+        let mut lines = text.lines();
+        if lines.next()? != HEADER || lines.next()? != stamp.text {
+            return None;
+        }
+        Digest::from_hex(lines.next()?)
+    }
+
+    /// Records `digest` for `path` at `stamp` if the file changed at least `settle` ago;
+    /// failures are ignored (the next run hashes again).
+    pub fn record(path: &Path, stamp: &Stamp, digest: Digest, settle: Duration) {
+        let settled = stamp
+            .changed
+            .and_then(|changed| SystemTime::now().duration_since(changed).ok())
+            .is_some_and(|age| age >= settle);
+        if stamp.text.is_empty() || !settled {
+            return;
+        }
+        let Some(entry) = entry(path) else {
+            return;
+        };
+        let Some(dir) = entry.parent() else {
+            return;
+        };
+        if std::fs::create_dir_all(dir).is_err() {
+            return;
+        }
+        let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir) else {
+            return;
+        };
+        use std::io::Write as _;
+        let text = format!("{HEADER}\n{}\n{}\n", stamp.text, digest.to_hex());
+        if tmp.write_all(text.as_bytes()).is_ok() {
+            let _ = tmp.persist(&entry);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::Binary;
+        use super::*;
+
+        fn stamp(path: &Path) -> Stamp {
+            Stamp::of(&std::fs::metadata(path).unwrap())
+        }
+
+        #[test]
+        fn a_recorded_digest_is_used_only_for_the_same_file_version() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bin");
+            std::fs::write(&path, b"one").unwrap();
+            // A recorded digest is what is used while the stamp holds (proved by planting one).
+            let planted = Digest::of(b"planted");
+            record(&path, &stamp(&path), planted, Duration::ZERO);
+            assert_eq!(recorded(&path, &stamp(&path)), Some(planted));
+            assert_eq!(Binary::read(&path).unwrap().digest, planted);
+
+            // Rewritten in place with another size: hashed again.
+            std::fs::write(&path, b"second").unwrap();
+            assert_eq!(Binary::read(&path).unwrap().digest, Digest::of(b"second"));
+            // Replaced, as a linker does, even with the same size: hashed again.
+            record(&path, &stamp(&path), planted, Duration::ZERO);
+            let other = dir.path().join("new");
+            std::fs::write(&other, b"third!").unwrap();
+            std::fs::rename(&other, &path).unwrap();
+            assert_eq!(Binary::read(&path).unwrap().digest, Digest::of(b"third!"));
+        }
+
+        #[test]
+        fn a_file_that_just_changed_is_not_recorded() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bin");
+            std::fs::write(&path, b"one").unwrap();
+            assert_eq!(Binary::read(&path).unwrap().digest, Digest::of(b"one"));
+            assert_eq!(
+                recorded(&path, &stamp(&path)),
+                None,
+                "changed under SETTLE ago"
+            );
+            record(
+                &path,
+                &stamp(&path),
+                Digest::of(b"one"),
+                Duration::from_secs(3600),
+            );
+            assert_eq!(recorded(&path, &stamp(&path)), None);
+        }
+
+        #[test]
+        fn a_damaged_record_is_ignored() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bin");
+            std::fs::write(&path, b"one").unwrap();
+            let entry = entry(&path).unwrap();
+            std::fs::create_dir_all(entry.parent().unwrap()).unwrap();
+            let text = format!("{HEADER}\n{}\nnot-hex\n", stamp(&path).text);
+            std::fs::write(&entry, text).unwrap();
+            assert_eq!(recorded(&path, &stamp(&path)), None);
+            assert_eq!(Binary::read(&path).unwrap().digest, Digest::of(b"one"));
+        }
     }
 }

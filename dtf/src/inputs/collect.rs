@@ -799,12 +799,17 @@ fn bin_names(package_root: &Path) -> Result<Vec<String>, String> {
 /// `DT_NEEDED` names, each looked up in order. Libraries not found there are the system's.
 fn needed_libraries(binary: &Path, search: &[PathBuf]) -> Vec<PathBuf> {
     let mut found = Vec::new();
+    if search.is_empty() {
+        return found; // nothing can be found: the binary is not even read
+    }
     let mut seen = HashSet::new();
     let mut queue = vec![binary.to_path_buf()];
     while let Some(file) = queue.pop() {
-        let Ok(data) = std::fs::read(&file) else {
+        let Ok(file) = std::fs::File::open(&file) else {
             continue;
         };
+        // Only the headers and the dynamic section are read, not the whole file.
+        let data = object::read::ReadCache::new(file);
         for name in elf_needed(&data) {
             if !seen.insert(name.clone()) {
                 continue;
@@ -819,7 +824,7 @@ fn needed_libraries(binary: &Path, search: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 /// The `DT_NEEDED` entries of an ELF file (none for anything else).
-fn elf_needed(data: &[u8]) -> Vec<String> {
+fn elf_needed<'a>(data: impl object::ReadRef<'a>) -> Vec<String> {
     use object::read::elf::{Dyn as _, FileHeader as _};
     let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(data) else {
         return Vec::new();

@@ -44,11 +44,16 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
+use super::paths::{self, PathMap};
 use super::{ChildSpec, pertest};
 use crate::registry::WarmUp;
 
 /// The variable that puts a test binary in the fork server role.
 pub const SERVER_VAR: &str = "__DTF_FORK_SERVER";
+
+/// The variable that gives a fork server the paths to map for all its tests (JSON of a
+/// [`PathMap`]), on workers that map the coordinator's paths.
+const PATHS_VAR: &str = "__DTF_FORK_SERVER_PATHS";
 
 /// The largest message either side sends (a request holds the test's whole environment).
 const MAX_MESSAGE: usize = 4 << 20;
@@ -278,6 +283,16 @@ pub fn serve() -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer and changes only this process.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
+    // The coordinator's paths, mapped once here rather than in every test (the warm-ups see
+    // them too). Where that fails, each test tries itself, and reports why it cannot.
+    if let Some(map) = std::env::var(PATHS_VAR)
+        .ok()
+        .and_then(|json| serde_json::from_str::<PathMap>(&json).ok())
+    {
+        // SAFETY: the server has one thread (`serve` runs first in `main`).
+        unsafe { std::env::remove_var(PATHS_VAR) };
+        let _ = paths::enter_for_server(&map);
+    }
     crate::registry::Registry::index_for_find();
     let ready = match run_warm_ups() {
         Ok(()) => Message::Ready,
@@ -725,9 +740,10 @@ impl Forked {
 }
 
 impl ForkServer {
-    /// Starts `program` as a fork server and waits until its warm-ups have run. `Err` holds a
-    /// warm-up's failure or why the server could not start.
-    pub async fn start(program: &Path) -> Result<ForkServer, StartError> {
+    /// Starts `program` as a fork server and waits until its warm-ups have run; with `paths`,
+    /// the server maps them for all its tests first. `Err` holds a warm-up's failure or why
+    /// the server could not start.
+    pub async fn start(program: &Path, paths: Option<&PathMap>) -> Result<ForkServer, StartError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -736,8 +752,14 @@ impl ForkServer {
         )
         .map_err(|e| StartError::Unavailable(format!("cannot create a socket pair: {e}")))?;
         let mut cmd = tokio::process::Command::new(program);
-        cmd.env(SERVER_VAR, "1")
-            .stdin(Stdio::from(theirs))
+        cmd.env(SERVER_VAR, "1");
+        if let Some(map) = paths {
+            let json = serde_json::to_string(map).map_err(|e| {
+                StartError::Unavailable(format!("cannot encode the paths to map: {e}"))
+            })?;
+            cmd.env(PATHS_VAR, json);
+        }
+        cmd.stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .process_group(0)

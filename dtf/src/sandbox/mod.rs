@@ -248,7 +248,11 @@ impl Sandbox {
         let started = self
             .server
             .server
-            .get_or_init(|| async { ForkServer::start(&self.program).await.map(Arc::new) })
+            .get_or_init(|| async {
+                ForkServer::start(&self.program, self.paths.as_ref())
+                    .await
+                    .map(Arc::new)
+            })
             .await;
         if let Err(StartError::Unavailable(reason)) = started {
             self.note_fallback(reason);

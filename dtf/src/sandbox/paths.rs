@@ -13,6 +13,10 @@
 //! capabilities the new namespace gave it, so the test has the privileges it would have without
 //! the namespace.
 //!
+//! A fork server does this once for all its tests ([`enter_for_server`]); each forked test then
+//! only enters its working directory, in a mount namespace of its own where it could mount
+//! ([`enter_in_test`]).
+//!
 //! [`probe`] checks once, at the worker's start, that the kernel allows this; where it does
 //! not, the worker remaps what can be remapped at run time instead (see
 //! [`crate::inputs::Materialized::rewrite_env`]).
@@ -44,6 +48,42 @@ pub struct PathMap {
     pub binds: Vec<(PathBuf, PathBuf)>,
     /// The working directory to enter once mapped (a coordinator path).
     pub cwd: Option<PathBuf>,
+}
+
+/// The binds a fork server mapped once for all its tests (see [`enter_for_server`]); forked
+/// per-test processes inherit it with the namespace.
+static ENTERED: std::sync::OnceLock<Vec<(PathBuf, PathBuf)>> = std::sync::OnceLock::new();
+
+/// Maps `map`'s paths in a fork server, once for every test it forks: each test then only
+/// enters its working directory (see [`enter_in_test`]), rather than making and filling a
+/// namespace of its own, which costs more than the fork. Must run while the process has one
+/// thread.
+pub fn enter_for_server(map: &PathMap) -> Result<(), String> {
+    enter(&PathMap {
+        binds: map.binds.clone(),
+        cwd: None,
+    })?;
+    let _ = ENTERED.set(map.binds.clone());
+    Ok(())
+}
+
+/// Maps the paths in a test's process: where its fork server mapped the same paths already,
+/// only a mount namespace of the test's own where the test could mount (a root worker keeps
+/// its capabilities, so one test's mounts must not reach the next) and its working
+/// directory; otherwise everything ([`enter`]). Must run while the process has one thread.
+pub fn enter_in_test(map: &PathMap) -> Result<(), String> {
+    if ENTERED.get() != Some(&map.binds) {
+        return enter(map);
+    }
+    if nix::unistd::getuid().is_root() {
+        unshare(CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("cannot create the test's mount namespace (unshare): {e}"))?;
+    }
+    if let Some(cwd) = &map.cwd {
+        nix::unistd::chdir(cwd.as_path())
+            .map_err(|e| format!("cannot enter {}: {e}", cwd.display()))?;
+    }
+    Ok(())
 }
 
 /// Maps the paths. Must run while the process has one thread.
