@@ -621,18 +621,6 @@ impl Worker for Conn {
         if shared.is_draining() {
             return Err(Declined::Draining);
         }
-        let mut drain = shared.drain_signal();
-        let _permit = tokio::select! {
-            permit = shared.pool.acquire(self.id()) => permit,
-            _ = drain.wait_for(|d| *d) => return Err(Declined::Draining),
-        };
-        // Counted before the check, so a drain that starts now either sees this test or this
-        // test sees the drain.
-        shared.active.fetch_add(1, Ordering::SeqCst);
-        let _active = Active(shared);
-        if shared.is_draining() {
-            return Err(Declined::Draining);
-        }
         let Some(path) = shared.cache.use_binary(&digest) else {
             self.finished(&spec.test, Outcome::SystemError, Duration::ZERO);
             return Ok(system_failure(
@@ -645,17 +633,6 @@ impl Worker for Conn {
             ));
         };
         self.pin(digest);
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let label = self.current().lock().label.clone();
-        shared.running().insert(
-            id,
-            Running {
-                test: spec.test.clone(),
-                run: label,
-                since: Instant::now(),
-            },
-        );
-        let _running = RunningGuard { shared, id };
         let mut binds = None;
         if let Some(tree) = &tree {
             let remap = shared.path_mapping.is_some();
@@ -689,6 +666,32 @@ impl Worker for Conn {
                 }
             })
             .clone();
+        // While the test waits for a slot, its binary's fork server starts (a few
+        // milliseconds), rather than in the slot once it has one.
+        sandbox.start_fork_server_for(&spec);
+        let mut drain = shared.drain_signal();
+        let _permit = tokio::select! {
+            permit = shared.pool.acquire(self.id()) => permit,
+            _ = drain.wait_for(|d| *d) => return Err(Declined::Draining),
+        };
+        // Counted before the check, so a drain that starts now either sees this test or this
+        // test sees the drain.
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let _active = Active(shared);
+        if shared.is_draining() {
+            return Err(Declined::Draining);
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let label = self.current().lock().label.clone();
+        shared.running().insert(
+            id,
+            Running {
+                test: spec.test.clone(),
+                run: label,
+                since: Instant::now(),
+            },
+        );
+        let _running = RunningGuard { shared, id };
         let attempt = sandbox.with_output_cap(output_cap).run(&spec).await;
         shared.tests_run.fetch_add(1, Ordering::Relaxed);
         let outcome = Outcome::of(attempt.failure.as_ref());

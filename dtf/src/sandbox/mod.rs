@@ -236,6 +236,27 @@ impl Sandbox {
         }
     }
 
+    /// Starts, in the background, the fork server `spec`'s test would be forked from, unless
+    /// it started already: a test that waits for a slot (on a worker) then does not spend the
+    /// slot starting it. Must be called within a tokio runtime.
+    pub fn start_fork_server_for(&self, spec: &RunSpec) {
+        if self.forks(spec) && self.server.server.get().is_none() {
+            let sandbox = self.clone();
+            tokio::spawn(async move {
+                let _ = sandbox.fork_server().await;
+            });
+        }
+    }
+
+    /// Whether `spec`'s test is forked from the fork server (on Linux, a dtf test, unless the
+    /// test or the run asks for exec or the binary starts through a runner).
+    fn forks(&self, spec: &RunSpec) -> bool {
+        spec.spawn == Spawn::Fork
+            && spec.harness == Harness::Dtf
+            && self.runner.is_empty()
+            && cfg!(target_os = "linux")
+    }
+
     /// Stops the fork server, if one started, and waits for it to end. Tests that are still
     /// running are killed.
     pub async fn stop_fork_server(&self) {
@@ -385,11 +406,7 @@ impl Sandbox {
 
         // A dtf binary's per-test process is forked from its fork server (on Linux, unless the
         // test or the run asks for exec); a libtest binary's relay is exec'd.
-        let forks = spec.spawn == Spawn::Fork
-            && spec.harness == Harness::Dtf
-            && self.runner.is_empty()
-            && cfg!(target_os = "linux");
-        let forked = if forks {
+        let forked = if self.forks(spec) {
             match self.fork_server().await {
                 Ok(server) => {
                     let block = self.env_block(&spec.env, isolated, &own);
