@@ -440,6 +440,14 @@ impl Server {
             return None;
         }
         let threads = self.stat.as_ref().map_or(0, threads_in);
+        if threads == 0 {
+            self.refused = Some(
+                "the fork server cannot read its thread count from /proc/self/stat, and forking \
+                 is safe only while it has one thread (is /proc mounted?)"
+                    .to_owned(),
+            );
+            return None;
+        }
         if threads != 1 {
             self.refused = Some(format!(
                 "the fork server has {threads} threads (something started a thread before \
