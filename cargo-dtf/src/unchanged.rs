@@ -33,8 +33,10 @@ pub fn sources(binary: &Binary) -> Result<Sources, String> {
 /// a warning) when either cannot be read: its tests then run.
 pub fn binary_key(binary: &Binary) -> Option<String> {
     let compute = || -> Result<String, String> {
-        let exe = dtf::inputs::digest_of(&binary.path)
-            .map_err(|e| format!("cannot read {}: {e}", binary.path.display()))?;
+        // Through the digests kept beside the binaries, as for shipping them.
+        let exe = dtf::coordinator::workers::Binary::read(&binary.path)
+            .map_err(|e| format!("cannot read {}: {e}", binary.path.display()))?
+            .digest;
         let tree = Tree::compute(&sources(binary)?).map_err(|e| e.to_string())?;
         Ok(format!("{exe}:{}", tree.digest))
     };
