@@ -174,6 +174,13 @@ fn a_worker_that_cannot_see_the_checkout_gives_the_local_outcomes() {
         "{}",
         cold.dump()
     );
+    // The tests were forked from the worker's fork server: the server, started with the
+    // test's loader path, loaded the shipped Rust dylib and libstd.
+    assert!(
+        !worker.log().contains("instead of from the fork server"),
+        "{}",
+        worker.log()
+    );
     let inputs = cold
         .stdout
         .lines()

@@ -656,7 +656,16 @@ impl Worker for Conn {
             .sandboxes
             .entry((digest, inputs))
             .or_insert_with(|| {
-                let sandbox = Sandbox::new(path, shared.tmp_root.clone(), false);
+                // The loader path as the test gets it (pointing into the shipped copies): the
+                // fork server loads the same libraries.
+                let loader: Vec<(String, String)> = spec
+                    .env
+                    .iter()
+                    .filter(|(name, _)| name == "LD_LIBRARY_PATH")
+                    .cloned()
+                    .collect();
+                let sandbox =
+                    Sandbox::new(path, shared.tmp_root.clone(), false).with_server_env(loader);
                 match binds {
                     Some(binds) => sandbox.with_paths(PathMap {
                         binds,

@@ -748,10 +748,14 @@ impl Forked {
 }
 
 impl ForkServer {
-    /// Starts `program` as a fork server and waits until its warm-ups have run; with `paths`,
-    /// the server maps them for all its tests first. `Err` holds a warm-up's failure or why
-    /// the server could not start.
-    pub async fn start(program: &Path, paths: Option<&PathMap>) -> Result<ForkServer, StartError> {
+    /// Starts `program` as a fork server, with `env` on top of this process's environment,
+    /// and waits until its warm-ups have run; with `paths`, the server maps them for all its
+    /// tests first. `Err` holds a warm-up's failure or why the server could not start.
+    pub async fn start(
+        program: &Path,
+        paths: Option<&PathMap>,
+        env: &[(String, String)],
+    ) -> Result<ForkServer, StartError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -760,7 +764,8 @@ impl ForkServer {
         )
         .map_err(|e| StartError::Unavailable(format!("cannot create a socket pair: {e}")))?;
         let mut cmd = tokio::process::Command::new(program);
-        cmd.env(SERVER_VAR, "1");
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
+            .env(SERVER_VAR, "1");
         if let Some(map) = paths {
             let json = serde_json::to_string(map).map_err(|e| {
                 StartError::Unavailable(format!("cannot encode the paths to map: {e}"))

@@ -184,6 +184,7 @@ pub struct Sandbox {
     keep_failed_tmp: bool,
     output_cap: usize,
     paths: Option<paths::PathMap>,
+    server_env: Vec<(String, String)>,
     server: Arc<ServerSlot>,
     dirs: Arc<DirPool>,
     env_block: Arc<std::sync::Mutex<Option<EnvBlock>>>,
@@ -217,6 +218,7 @@ impl Sandbox {
             keep_failed_tmp,
             output_cap: OUTPUT_CAP,
             paths: None,
+            server_env: Vec::new(),
             server: Arc::default(),
             dirs: Arc::default(),
             env_block: Arc::default(),
@@ -270,7 +272,7 @@ impl Sandbox {
             .server
             .server
             .get_or_init(|| async {
-                ForkServer::start(&self.program, self.paths.as_ref())
+                ForkServer::start(&self.program, self.paths.as_ref(), &self.server_env)
                     .await
                     .map(Arc::new)
             })
@@ -292,6 +294,14 @@ impl Sandbox {
     /// (see [`paths`]).
     pub fn with_paths(mut self, map: paths::PathMap) -> Sandbox {
         self.paths = Some(map);
+        self
+    }
+
+    /// The same sandbox, starting its fork server with `env` on top of this process's
+    /// environment. A worker passes the loader path that reaches the shipped libraries: the
+    /// loader runs before the server can map any path.
+    pub fn with_server_env(mut self, env: Vec<(String, String)>) -> Sandbox {
+        self.server_env = env;
         self
     }
 
