@@ -9,6 +9,7 @@ mod cli;
 mod migrate;
 mod partition;
 mod runner;
+mod speculate;
 mod unchanged;
 mod workspace;
 

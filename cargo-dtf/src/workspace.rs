@@ -21,8 +21,8 @@ use crate::cli::{ListArgs, RunArgs, SelectArgs};
 use crate::partition::Partition;
 
 /// How a binary runs its tests.
-#[derive(Clone, Debug)]
-enum Kind {
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Kind {
     /// A dtf binary, with its tests planned by itself.
     Dtf(Vec<Described>),
     /// A libtest binary: `(name, ignored)`.
@@ -54,6 +54,75 @@ struct Discovered {
     config: Config,
     binaries: Vec<Binary>,
     candidates: Vec<Candidate>,
+    /// Each binary's tests as listed, and when listed, the binaries' stamps taken before.
+    kinds: Vec<Kind>,
+    stamps: Vec<Option<crate::speculate::Stamp>>,
+    stamped_at: std::time::SystemTime,
+}
+
+/// The build of a run: under way, or done already (by a run started while cargo checked it).
+enum Build {
+    Running(build::Building),
+    Done(Built),
+}
+
+/// The workspace's config file, where `cargo dtf` looks for it.
+fn config_path(root: &Path) -> Option<PathBuf> {
+    Config::find(root).or_else(|| {
+        let candidate = root.join(dtf::config::FILE);
+        candidate.is_file().then_some(candidate)
+    })
+}
+
+/// Reads the config file of the workspace at `root` and makes it the process's: its
+/// settings as `DTF_*` variables (the binaries read them), its path and profile.
+fn load_config(root: &Path, profile: Option<&str>) -> Result<Config, String> {
+    let path = config_path(root);
+    let config = Config::load(path.as_deref(), profile).map_err(|e| e.to_string())?;
+    // SAFETY: `cargo dtf` has started no thread yet (the runtime and the discovery threads
+    // come later; a runtime that ran before was shut down).
+    unsafe {
+        config.apply_to_env();
+        if let Some(path) = &config.path {
+            std::env::set_var(dtf::config::CONFIG_VAR, path);
+        }
+        std::env::set_var(dtf::config::PROFILE_VAR, &config.profile_name);
+    }
+    Ok(config)
+}
+
+/// The tests a binary's listing names, as candidates of the run.
+fn candidates_of(kinds: &[Kind]) -> Vec<Candidate> {
+    let mut candidates = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        match kind {
+            Kind::Dtf(tests) => {
+                for d in tests {
+                    candidates.push(Candidate {
+                        binary: i,
+                        name: d.name.clone(),
+                        ignored: d.ignored,
+                        reason: d.ignore_reason.clone(),
+                        described: Some(d.clone()),
+                        runs: true,
+                    });
+                }
+            }
+            Kind::Libtest(tests) => {
+                for (name, ignored) in tests {
+                    candidates.push(Candidate {
+                        binary: i,
+                        name: name.clone(),
+                        ignored: *ignored,
+                        reason: None,
+                        described: None,
+                        runs: true,
+                    });
+                }
+            }
+        }
+    }
+    candidates
 }
 
 /// The variables cargo sets for a test binary it runs, which `cargo dtf` sets too.
@@ -145,68 +214,39 @@ fn engine_args(args: &RunArgs) -> Result<dtf::cli::Args, String> {
 }
 
 fn discover(
+    build: Build,
     build_args: &crate::cli::BuildArgs,
     profile: Option<&str>,
     flag_env: &[(&'static str, String)],
     runner: &[String],
 ) -> Result<Result<Discovered, i32>, String> {
-    // The build starts first: cargo's start and freshness checks overlap reading the metadata
-    // and the config (a failure there stops the build).
-    let building = build::start(build_args)?;
+    // The build started first: cargo's start and freshness checks overlap reading the
+    // metadata and the config (a failure there stops the build).
     let workspace = build::metadata(build_args)?;
-    let path = Config::find(&workspace.root).or_else(|| {
-        let candidate = workspace.root.join(dtf::config::FILE);
-        candidate.is_file().then_some(candidate)
-    });
-    let config = Config::load(path.as_deref(), profile).map_err(|e| e.to_string())?;
-    // SAFETY: `cargo dtf` has started no thread yet (the runtime and the discovery threads
-    // come later).
-    unsafe {
-        config.apply_to_env();
-        if let Some(path) = &config.path {
-            std::env::set_var(dtf::config::CONFIG_VAR, path);
-        }
-        std::env::set_var(dtf::config::PROFILE_VAR, &config.profile_name);
-    }
-    let binaries = match building.finish()? {
+    let config = load_config(&workspace.root, profile)?;
+    let built = match build {
+        Build::Running(building) => building.finish()?,
+        Build::Done(built) => built,
+    };
+    let binaries = match built {
         Built::Binaries(b) => b,
         Built::Failed(code) => return Ok(Err(if code == 0 { 101 } else { code })),
     };
+    let stamped_at = std::time::SystemTime::now();
+    let stamps = binaries
+        .iter()
+        .map(|b| crate::speculate::Stamp::of(&b.path))
+        .collect();
     let kinds = list_all(&binaries, flag_env, runner)?;
-    let mut candidates = Vec::new();
-    for (i, kind) in kinds.into_iter().enumerate() {
-        match kind {
-            Kind::Dtf(tests) => {
-                for d in tests {
-                    candidates.push(Candidate {
-                        binary: i,
-                        name: d.name.clone(),
-                        ignored: d.ignored,
-                        reason: d.ignore_reason.clone(),
-                        described: Some(d),
-                        runs: true,
-                    });
-                }
-            }
-            Kind::Libtest(tests) => {
-                for (name, ignored) in tests {
-                    candidates.push(Candidate {
-                        binary: i,
-                        name,
-                        ignored,
-                        reason: None,
-                        described: None,
-                        runs: true,
-                    });
-                }
-            }
-        }
-    }
+    let candidates = candidates_of(&kinds);
     Ok(Ok(Discovered {
         workspace,
         config,
         binaries,
         candidates,
+        kinds,
+        stamps,
+        stamped_at,
     }))
 }
 
@@ -480,10 +520,199 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
     let no_tests = NoTests::parse(args.select.no_tests.as_deref())?;
     let flag_env = flag_env(&args);
     let runner = target_runner(&args.build)?;
-    let discovered = match discover(&args.build, args.profile.as_deref(), &flag_env, &runner)? {
+    let how = How {
+        args: &args,
+        dargs: &dargs,
+        repeat,
+        no_tests,
+        runner: &runner,
+    };
+    // Tests that print straight to the terminal cannot be held: no speculative start then.
+    let key = if args.nocapture {
+        None
+    } else {
+        crate::speculate::Key::of_this_process()
+    };
+    let mut build = Build::Running(build::start(&args.build)?);
+    if let Some(record) = key
+        .as_ref()
+        .and_then(|key| crate::speculate::Record::load(key, config_path))
+    {
+        if let Build::Running(building) = build {
+            match speculate(&how, record, building)? {
+                Speculation::Ran(code) => return Ok(code),
+                Speculation::Superseded(built) => build = Build::Done(built),
+            }
+        }
+    }
+    let discovered = match discover(
+        build,
+        &args.build,
+        args.profile.as_deref(),
+        &flag_env,
+        &runner,
+    )? {
         Ok(d) => d,
         Err(code) => return Ok(code),
     };
+    let record = key.as_ref().and_then(|key| {
+        crate::speculate::Record::new(
+            key,
+            &discovered.workspace,
+            &discovered.binaries,
+            &discovered.stamps,
+            discovered.stamped_at,
+            &discovered.kinds,
+            discovered.config.path.as_deref(),
+        )
+    });
+    let planned = plan_run(&how, discovered, None)?;
+    if planned.remote {
+        if let Some(record) = record {
+            record.save();
+        }
+    }
+    for notice in &planned.notices {
+        eprintln!("{notice}");
+    }
+    let Planned {
+        run,
+        mut reporters,
+        run_dir,
+        ..
+    } = planned;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runner: {e}"))?;
+    let outcome = runtime
+        .block_on(dtf::engine::execute(run, &mut reporters))
+        .map_err(|e| e.to_string())?;
+    drop(run_dir);
+    let _ = std::io::stdout().flush();
+    Ok(outcome.code)
+}
+
+/// What `cargo dtf run` was asked, for planning a run.
+struct How<'a> {
+    args: &'a RunArgs,
+    dargs: &'a dtf::cli::Args,
+    repeat: usize,
+    no_tests: NoTests,
+    runner: &'a [String],
+}
+
+/// A run ready to start.
+struct Planned {
+    run: dtf::engine::Run,
+    reporters: dtf::report::Reporters,
+    run_dir: RunDir,
+    /// It runs on remote workers.
+    remote: bool,
+    /// Lines for stderr before it starts.
+    notices: Vec<String>,
+}
+
+/// How a speculative start ended.
+enum Speculation {
+    /// cargo confirmed the recorded binaries: the run went on, with this exit code.
+    Ran(i32),
+    /// It did not: the run was dropped; this is what cargo built.
+    Superseded(Built),
+}
+
+/// Runs the recorded binaries' tests on the workers while cargo checks the build (see
+/// `speculate.rs`); gives up the run when cargo builds anything else.
+fn speculate(
+    how: &How<'_>,
+    record: crate::speculate::Record,
+    building: build::Building,
+) -> Result<Speculation, String> {
+    let check = record.check();
+    let (workspace, binaries, kinds) = record.into_parts();
+    let config = load_config(&workspace.root, how.args.profile.as_deref())?;
+    let discovered = Discovered {
+        workspace,
+        config,
+        binaries,
+        candidates: candidates_of(&kinds),
+        kinds,
+        stamps: Vec::new(),
+        stamped_at: std::time::SystemTime::now(),
+    };
+    let (switch, gate) = dtf::report::gate();
+    let planned = match plan_run(how, discovered, Some(gate.clone())) {
+        Ok(planned) if planned.remote => planned,
+        // What cannot start from the record starts from what cargo builds.
+        _ => return Ok(Speculation::Superseded(building.finish()?)),
+    };
+    let Planned {
+        run,
+        mut reporters,
+        run_dir,
+        notices,
+        ..
+    } = planned;
+    reporters.hold(gate);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runner: {e}"))?;
+    let ended = runtime.block_on(async {
+        let mut built = tokio::task::spawn_blocking(move || building.finish());
+        let exec = dtf::engine::execute(run, &mut reporters);
+        tokio::pin!(exec);
+        // The run waits for the gate before it ends, so it ends first only with an error.
+        let early = tokio::select! {
+            built = &mut built => Err(built),
+            outcome = &mut exec => Ok(outcome),
+        };
+        let (built, early) = match early {
+            Err(built) => (built, None),
+            Ok(outcome) => ((&mut built).await, Some(outcome)),
+        };
+        let built = built
+            .map_err(|e| format!("cannot wait for the build: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let confirmed = matches!(&built, Built::Binaries(b) if check.confirmed_by(b));
+        if !confirmed {
+            switch.close();
+            return Ok(Speculation::Superseded(built));
+        }
+        for notice in &notices {
+            eprintln!("{notice}");
+        }
+        switch.open();
+        let outcome = match early {
+            Some(outcome) => outcome,
+            None => exec.await,
+        };
+        outcome
+            .map(|o| Speculation::Ran(o.code))
+            .map_err(|e| e.to_string())
+    });
+    // No thread of the runtime may outlive it: a run that goes on reads the config again.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    drop(run_dir);
+    let _ = std::io::stdout().flush();
+    ended
+}
+
+/// Selects and plans the discovered tests; the run's reports wait for `confirmation` when
+/// given (a speculative start).
+fn plan_run(
+    how: &How<'_>,
+    discovered: Discovered,
+    confirmation: Option<dtf::report::Gate>,
+) -> Result<Planned, String> {
+    let How {
+        args,
+        dargs,
+        repeat,
+        no_tests,
+        runner,
+    } = *how;
+    let mut notices = Vec::new();
     let Discovered {
         workspace,
         config,
@@ -491,7 +720,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         mut candidates,
         ..
     } = discovered;
-    check_runnable(&args, &binaries, &workspace.metadata)?;
+    check_runnable(args, &binaries, &workspace.metadata)?;
 
     let history_dir = std::env::var_os(history::DIR_VAR)
         .filter(|v| !v.is_empty())
@@ -508,7 +737,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
                         .to_owned(),
                 );
             }
-            NoTests::Warn => eprintln!("warning: no tests to run"),
+            NoTests::Warn => notices.push("warning: no tests to run".to_owned()),
             NoTests::Pass => {}
         }
     }
@@ -518,18 +747,18 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         .filter(|p| binaries.iter().any(|b| &b.package == *p && b.kind == "lib"))
         .collect();
     if !doctests.is_empty() {
-        eprintln!(
+        notices.push(format!(
             "dtf: doctests are not run by cargo dtf; run them with `cargo test --doc` ({})",
             doctests
                 .iter()
                 .map(|s| s.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
+        ));
     }
 
     let mut settings = dtf::engine::Settings::new(
-        &dargs,
+        dargs,
         &workspace.root,
         Origin::default(),
         "cargo-dtf",
@@ -546,6 +775,12 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         settings.slow,
     )
     .map_err(|e| e.to_string())?;
+    let remote = workers
+        .as_ref()
+        .is_some_and(|w| matches!(w.workers, dtf::coordinator::WorkersSpec::Remote(_)));
+    if let Some(workers) = workers.as_mut() {
+        workers.confirmation = confirmation;
+    }
     if workers.is_some() && !runner.is_empty() {
         return Err(format!(
             "target.{}.runner is set, and cargo dtf cannot run tests through a runner on workers \
@@ -693,7 +928,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
                 kept.push(test);
                 continue;
             };
-            let key = crate::unchanged::test_key(binary_key, &test, &runner);
+            let key = crate::unchanged::test_key(binary_key, &test, runner);
             if history.unchanged(&test.name, &key) {
                 not_running.push(dtf::outcome::TestReport {
                     name: test.name.clone(),
@@ -727,7 +962,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
             }
         })
         .collect();
-    let mut reporters = dtf::report::standard(&dtf::report::Outputs {
+    let reporters = dtf::report::standard(&dtf::report::Outputs {
         format: dargs.format(),
         color: settings.color,
         show_output: dargs.show_output,
@@ -761,16 +996,13 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         },
         flaky_fails: dargs.flaky_fails,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runner: {e}"))?;
-    let outcome = runtime
-        .block_on(dtf::engine::execute(run, &mut reporters))
-        .map_err(|e| e.to_string())?;
-    drop(run_dir);
-    let _ = std::io::stdout().flush();
-    Ok(outcome.code)
+    Ok(Planned {
+        run,
+        reporters,
+        run_dir,
+        remote,
+        notices,
+    })
 }
 
 /// The input trees of a distributed run: one per package, for all of the package's binaries
@@ -891,7 +1123,8 @@ impl NoTests {
 /// `cargo dtf list`: returns the exit code.
 pub fn list(args: ListArgs) -> Result<i32, String> {
     let runner = target_runner(&args.build)?;
-    let discovered = match discover(&args.build, args.profile.as_deref(), &[], &runner)? {
+    let build = Build::Running(build::start(&args.build)?);
+    let discovered = match discover(build, &args.build, args.profile.as_deref(), &[], &runner)? {
         Ok(d) => d,
         Err(code) => return Ok(code),
     };

@@ -102,6 +102,10 @@ impl Workspace {
             cmd.env("CARGO", cargo);
         }
         cmd.env("DTF_WORKER_BIN", crate::worker_binary());
+        // Records of runs started while cargo checks the build stay with the workspace.
+        let mut cache = self.root.clone().into_os_string();
+        cache.push(".cache");
+        cmd.env("XDG_CACHE_HOME", cache);
         cmd
     }
 

@@ -143,6 +143,11 @@ pub struct Options {
     pub wait: Duration,
     /// How often `dns:` and `file:` entries are looked up again (`DTF_WORKERS_REFRESH`).
     pub refresh: Duration,
+    /// A run started before its binaries were confirmed to be the ones to run (`cargo dtf`
+    /// does that while cargo checks the build): until the gate opens, nothing runs on this
+    /// machine (no local fallback) and no output comes back; the run's reports are held by
+    /// the same gate ([`Reporters::hold`]).
+    pub confirmation: Option<crate::report::Gate>,
 }
 
 /// One input tree's sources, the binaries whose tests see it, and the paths compiled into
@@ -191,6 +196,7 @@ impl Options {
             inputs: Vec::new(),
             wait,
             refresh,
+            confirmation: None,
         }))
     }
 }
@@ -377,6 +383,12 @@ async fn run_on(
     let mut notes = Vec::new();
     let may_come = !retry.is_empty() || discovery.is_some();
     if ready.is_empty() && (!may_come || options.wait.is_zero()) {
+        // Tests run here only once they are known to be the ones to run.
+        if let Some(gate) = &options.confirmation {
+            if !gate.decided().await {
+                return Err(Error::Workers(SUPERSEDED.to_owned()));
+            }
+        }
         let names = endpoints
             .iter()
             .map(|e| e.label.as_str())
@@ -443,6 +455,13 @@ async fn run_on(
         dispatcher.discover(entries);
     }
     let ending = dispatcher.run(reporters).await;
+    // Outputs come back into the checkout only from a run known to be the one to run.
+    if let Some(gate) = &options.confirmation {
+        if !gate.decided().await {
+            dispatcher.finish().await;
+            return Err(Error::Workers(SUPERSEDED.to_owned()));
+        }
+    }
     if dispatcher.fatal.is_none() {
         if let Some(line) = dispatcher.fetch_outputs(&trees).await {
             notes.push(line);
@@ -593,6 +612,10 @@ fn run_label(binary: &Path) -> String {
         .unwrap_or_else(|| uid.to_string());
     format!("{name} (pid {}, {user}@{host})", std::process::id())
 }
+
+/// Why a held run ended without its reports: its binaries were not the ones to run.
+pub const SUPERSEDED: &str =
+    "the run was started before cargo confirmed its test binaries, and they were not current";
 
 fn warn(message: &str) {
     eprintln!("dtf: warning: {message}");
@@ -1026,6 +1049,15 @@ impl<'a> Dispatcher<'a> {
                 crate::outcome::format_duration(wait)
             )
         };
+        // Tests run here only once they are known to be the ones to run.
+        if self
+            .options
+            .confirmation
+            .as_ref()
+            .is_some_and(|gate| gate.state() != Some(true))
+        {
+            return;
+        }
         if self.options.require {
             let message = format!(
                 "every worker is lost ({names}){within}, and {REQUIRE_VAR}=1 forbids running the tests locally"

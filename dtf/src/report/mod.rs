@@ -112,15 +112,66 @@ pub trait Reporter {
 
 /// Sends every event to several reporters. A reporter whose output is gone (a closed pipe)
 /// is dropped quietly; the others go on.
+///
+/// While a [`Gate`] holds them ([`Reporters::hold`]), events are kept in order rather than
+/// shown, and shown with the first event after the gate opens.
 #[derive(Default)]
 pub struct Reporters {
     reporters: Vec<Box<dyn Reporter>>,
+    held: Option<(Gate, Vec<Event>)>,
+}
+
+/// An event kept while the reporters are held.
+enum Event {
+    RunStarted(RunInfo),
+    TestStarted(String),
+    TestSlow(String, Duration),
+    TestFinished(TestReport),
 }
 
 impl Reporters {
     /// Adds a reporter.
     pub fn push(&mut self, reporter: Box<dyn Reporter>) {
         self.reporters.push(reporter);
+    }
+
+    /// Keeps every event until `gate` opens; a gate that closes drops them.
+    pub fn hold(&mut self, gate: Gate) {
+        self.held = Some((gate, Vec::new()));
+    }
+
+    /// Keeps `event` while the gate is undecided, drops it once the gate closed (true for
+    /// both); after it opened, shows what was kept (false: show `event` too).
+    fn keep(&mut self, event: impl FnOnce() -> Event) -> bool {
+        match &mut self.held {
+            None => false,
+            Some((gate, events)) => match gate.state() {
+                None => {
+                    events.push(event());
+                    true
+                }
+                Some(false) => true,
+                Some(true) => {
+                    self.release();
+                    false
+                }
+            },
+        }
+    }
+
+    /// Shows what was kept, and keeps nothing more.
+    fn release(&mut self) {
+        let Some((_, kept)) = self.held.take() else {
+            return;
+        };
+        for event in kept {
+            match event {
+                Event::RunStarted(info) => self.run_started(&info),
+                Event::TestStarted(name) => self.test_started(&name),
+                Event::TestSlow(name, threshold) => self.test_slow(&name, threshold),
+                Event::TestFinished(report) => self.test_finished(&report),
+            }
+        }
     }
 
     fn each(&mut self, mut f: impl FnMut(&mut dyn Reporter) -> io::Result<()>) {
@@ -136,27 +187,89 @@ impl Reporters {
 
     /// See [`Reporter::run_started`].
     pub fn run_started(&mut self, info: &RunInfo) {
-        self.each(|r| r.run_started(info));
+        if !self.keep(|| Event::RunStarted(info.clone())) {
+            self.each(|r| r.run_started(info));
+        }
     }
 
     /// See [`Reporter::test_started`].
     pub fn test_started(&mut self, name: &str) {
-        self.each(|r| r.test_started(name));
+        if !self.keep(|| Event::TestStarted(name.to_owned())) {
+            self.each(|r| r.test_started(name));
+        }
     }
 
     /// See [`Reporter::test_slow`].
     pub fn test_slow(&mut self, name: &str, threshold: Duration) {
-        self.each(|r| r.test_slow(name, threshold));
+        if !self.keep(|| Event::TestSlow(name.to_owned(), threshold)) {
+            self.each(|r| r.test_slow(name, threshold));
+        }
     }
 
     /// See [`Reporter::test_finished`].
     pub fn test_finished(&mut self, report: &TestReport) {
-        self.each(|r| r.test_finished(report));
+        if !self.keep(|| Event::TestFinished(report.clone())) {
+            self.each(|r| r.test_finished(report));
+        }
     }
 
-    /// See [`Reporter::run_finished`].
+    /// See [`Reporter::run_finished`]. The run's end is never kept: a held run waits for its
+    /// gate to open before it ends (see [`Gate::decided`]); shown here, it shows what was kept
+    /// first.
     pub fn run_finished(&mut self, summary: &Summary) {
+        if let Some((gate, _)) = &self.held {
+            if gate.state() == Some(false) {
+                return;
+            }
+        }
+        self.release();
         self.each(|r| r.run_finished(summary));
+    }
+}
+
+/// Whether a run's reports may be shown yet: a run that started before its test binaries were
+/// known to be the ones to run (`cargo dtf` starts one on workers while cargo checks the
+/// build) is held until the check says yes ([`GateSwitch::open`]) or no
+/// ([`GateSwitch::close`]: the run is thrown away).
+#[derive(Clone, Debug)]
+pub struct Gate(tokio::sync::watch::Receiver<Option<bool>>);
+
+/// Decides a [`Gate`].
+#[derive(Debug)]
+pub struct GateSwitch(tokio::sync::watch::Sender<Option<bool>>);
+
+/// A new, undecided gate and its switch.
+pub fn gate() -> (GateSwitch, Gate) {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    (GateSwitch(tx), Gate(rx))
+}
+
+impl GateSwitch {
+    /// The run is the one to run: what it held is shown, and it goes on.
+    pub fn open(&self) {
+        self.0.send_replace(Some(true));
+    }
+
+    /// The run is not the one to run: it keeps nothing more, and is to be dropped.
+    pub fn close(&self) {
+        self.0.send_replace(Some(false));
+    }
+}
+
+impl Gate {
+    /// `None` while undecided; then whether it opened.
+    pub fn state(&self) -> Option<bool> {
+        *self.0.borrow()
+    }
+
+    /// Waits for the decision: true when the gate opened. A switch dropped undecided counts
+    /// as closed.
+    pub async fn decided(&self) -> bool {
+        let mut rx = self.0.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(state) => *state == Some(true),
+            Err(_) => false,
+        }
     }
 }
 
@@ -255,5 +368,125 @@ impl Write for SharedBuf {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the events it gets, in order.
+    struct Log(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Reporter for Log {
+        fn run_started(&mut self, info: &RunInfo) -> io::Result<()> {
+            self.0.lock().unwrap().push(format!("start {}", info.total));
+            Ok(())
+        }
+        fn test_started(&mut self, name: &str) -> io::Result<()> {
+            self.0.lock().unwrap().push(format!("started {name}"));
+            Ok(())
+        }
+        fn test_finished(&mut self, report: &TestReport) -> io::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("finished {}", report.name));
+            Ok(())
+        }
+        fn run_finished(&mut self, summary: &Summary) -> io::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("end {}", summary.passed));
+            Ok(())
+        }
+    }
+
+    fn report(name: &str) -> TestReport {
+        TestReport {
+            name: name.to_owned(),
+            status: Status::Passed,
+            attempts: Vec::new(),
+            rerun_after_lost_worker: false,
+        }
+    }
+
+    fn held() -> (
+        Reporters,
+        GateSwitch,
+        std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut reporters = Reporters::default();
+        reporters.push(Box::new(Log(log.clone())));
+        let (switch, gate) = gate();
+        reporters.hold(gate);
+        (reporters, switch, log)
+    }
+
+    #[test]
+    fn held_events_are_shown_in_order_once_the_gate_opens() {
+        let (mut reporters, switch, log) = held();
+        let info = RunInfo {
+            total: 2,
+            ..RunInfo::default()
+        };
+        reporters.run_started(&info);
+        reporters.test_started("a");
+        reporters.test_finished(&report("a"));
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "nothing shown while undecided"
+        );
+        switch.open();
+        reporters.test_started("b");
+        reporters.test_finished(&report("b"));
+        let summary = Summary {
+            passed: 2,
+            ..Summary::default()
+        };
+        reporters.run_finished(&summary);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "start 2",
+                "started a",
+                "finished a",
+                "started b",
+                "finished b",
+                "end 2"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_closed_gate_shows_nothing_of_the_run() {
+        let (mut reporters, switch, log) = held();
+        reporters.run_started(&RunInfo::default());
+        reporters.test_finished(&report("a"));
+        switch.close();
+        reporters.test_finished(&report("b"));
+        reporters.run_finished(&Summary::default());
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_gate_whose_switch_is_gone_counts_as_closed() {
+        let (switch, gate) = gate();
+        drop(switch);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(!runtime.block_on(gate.decided()));
+        let (switch, gate) = gate_pair_opened();
+        drop(switch);
+        assert!(runtime.block_on(gate.decided()));
+    }
+
+    fn gate_pair_opened() -> (GateSwitch, Gate) {
+        let (switch, gate) = gate();
+        switch.open();
+        (switch, gate)
     }
 }
