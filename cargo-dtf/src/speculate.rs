@@ -15,7 +15,8 @@
 //!
 //! Records live in the user's cache directory (`$XDG_CACHE_HOME/dtf/runs`, else
 //! `~/.cache/dtf/runs`), one per command, named by a digest of what keys it; environment
-//! values are never written there. `DTF_SPECULATE=0` turns this off.
+//! values are never written there. `DTF_SPECULATE=0` (or `speculate = false` in the config
+//! file) turns this off.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -83,10 +84,16 @@ impl Stamp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Key(String);
 
+/// Whether speculative starts are on: `DTF_SPECULATE` (or the config file's `speculate`, once
+/// read) is not `0`.
+pub fn enabled() -> bool {
+    !std::env::var_os(VAR).is_some_and(|v| v == "0" || v == "false")
+}
+
 impl Key {
     /// This process's key; `None` when speculative starts are off.
     pub fn of_this_process() -> Option<Key> {
-        if std::env::var_os(VAR).is_some_and(|v| v == "0") {
+        if !enabled() {
             return None;
         }
         let mut material: Vec<u8> = format!("dtf-speculation-{FORMAT}\0").into_bytes();

@@ -555,17 +555,20 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         Ok(d) => d,
         Err(code) => return Ok(code),
     };
-    let record = key.as_ref().and_then(|key| {
-        crate::speculate::Record::new(
-            key,
-            &discovered.workspace,
-            &discovered.binaries,
-            &discovered.stamps,
-            discovered.stamped_at,
-            &discovered.kinds,
-            discovered.config.path.as_deref(),
-        )
-    });
+    let record = key
+        .as_ref()
+        .filter(|_| crate::speculate::enabled())
+        .and_then(|key| {
+            crate::speculate::Record::new(
+                key,
+                &discovered.workspace,
+                &discovered.binaries,
+                &discovered.stamps,
+                discovered.stamped_at,
+                &discovered.kinds,
+                discovered.config.path.as_deref(),
+            )
+        });
     let planned = plan_run(&how, discovered, None)?;
     if planned.remote {
         if let Some(record) = record {
@@ -631,6 +634,9 @@ fn speculate(
     let check = record.check();
     let (workspace, binaries, kinds) = record.into_parts();
     let config = load_config(&workspace.root, how.args.profile.as_deref())?;
+    if !crate::speculate::enabled() {
+        return Ok(Speculation::Superseded(building.finish()?));
+    }
     let discovered = Discovered {
         workspace,
         config,

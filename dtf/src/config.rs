@@ -51,6 +51,7 @@ pub const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("token-file", "DTF_TOKEN_FILE", Kind::Path),
     ("log", "DTF_LOG", Kind::Text),
     ("output-cap", "DTF_OUTPUT_CAP", Kind::OutputCap),
+    ("speculate", "DTF_SPECULATE", Kind::Bool),
 ];
 
 /// Keys resolved per test (allowed in overrides): `(key, variable)`.
