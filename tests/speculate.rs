@@ -135,8 +135,9 @@ fn a_run_on_workers_starts_before_cargo_is_done_and_shows_only_what_cargo_confir
         )
     };
 
-    // A first run builds and leaves a record; its binary had only just been written, so a
-    // second run, two seconds on, records it again with a stamp it can trust.
+    // A first run builds and leaves a record. On a filesystem with whole-second times its
+    // binary, stamped right after it was written, is not trusted: a second run, two seconds
+    // on, records it again.
     for _ in 0..2 {
         let cold = run(&ws);
         assert_eq!(cold.code, Some(0), "{}", cold.dump());
