@@ -698,6 +698,9 @@ fn send_bytes(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> nix::Resul
 /// What a started per-test process reports to the runner.
 type ExitReceiver = oneshot::Receiver<Result<ExitStatus, String>>;
 
+/// How many milliseconds a stopping server waits for its per-test processes to exit.
+const EXIT_WAIT_ROUNDS: usize = 5_000;
+
 /// A running fork server, shared by the tests of one run and binary.
 #[derive(Debug)]
 pub struct ForkServer {
@@ -815,6 +818,15 @@ impl ForkServer {
     /// Ends the server: it sees the socket close, kills what is left of its per-test
     /// processes and exits; it is waited for (at most a second, then killed).
     pub async fn stop(&self) {
+        // A test is reported once its output and records are in, which may be before its
+        // process has exited: the server, which would kill what is left, waits for those
+        // exits first (a coverage tool writes its profile then).
+        for _ in 0..EXIT_WAIT_ROUNDS {
+            if self.inner.lock_pending().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         self.inner.close("the fork server was stopped".to_owned());
         // SAFETY: shutdown(2) on the socket this server owns.
         unsafe {

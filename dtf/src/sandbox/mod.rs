@@ -443,6 +443,19 @@ impl Sandbox {
         // The per-test process leads its own group: its pid is the group id.
         let group = GroupGuard(Some(Pid::from_raw(process.pid)));
         let result_read = process.result.take().ok_or("no result pipe")?;
+        // A forked dtf test ends its output and closes the result pipe before its process
+        // exits (see `pertest`): read along, and the test is done when all three have ended
+        // with its outcome in, without waiting for the exit.
+        let mut records = match (&process.waiter, &spec.harness) {
+            (Waiter::Forked(_), Harness::Dtf) => result_read
+                .try_clone()
+                .ok()
+                .and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok()),
+            _ => None,
+        };
+        let mut record_bytes: Vec<u8> = Vec::new();
+        let mut records_ended = false;
+        let mut rec_buf = vec![0u8; 4096];
         let mut stdout = process.stdout.take();
         let mut stderr = process.stderr.take();
         let mut capture = Capture::new(self.output_cap);
@@ -456,8 +469,15 @@ impl Sandbox {
         let mut err_buf = vec![0u8; 16 * 1024];
 
         loop {
-            if status.is_some() && stdout.is_none() && stderr.is_none() {
-                break;
+            if stdout.is_none() && stderr.is_none() {
+                if status.is_some() {
+                    break;
+                }
+                if records_ended && parse_records(&record_bytes).0.is_some() {
+                    // Whatever the test left running in its group goes with it.
+                    group.kill();
+                    break;
+                }
             }
             // Biased, stdout first: when both pipes are ready, what the test printed first
             // (stdout is line-buffered, stderr not) is most likely the stdout chunk.
@@ -470,6 +490,13 @@ impl Sandbox {
                 n = read_some(&mut stderr, &mut err_buf), if stderr.is_some() => match n {
                     Some(n) => capture.push(Stream::Stderr, &err_buf[..n]),
                     None => stderr = None,
+                },
+                n = read_some(&mut records, &mut rec_buf), if records.is_some() => match n {
+                    Some(n) => record_bytes.extend_from_slice(&rec_buf[..n]),
+                    None => {
+                        records = None;
+                        records_ended = true;
+                    }
                 },
                 exit = process.waiter.wait(), if status.is_none() => {
                     let exit = exit?;
@@ -490,10 +517,12 @@ impl Sandbox {
         if matches!(spec.harness, Harness::Libtest { .. }) {
             strip_libtest_framing(&mut output, &spec.test);
         }
-        let status = status.ok_or("the test process vanished")?;
         group.disarm();
 
-        let (report, relay) = read_records(&result_read);
+        drop(records);
+        read_rest(&result_read, &mut record_bytes);
+        let (report, relay) = parse_records(&record_bytes);
+        let exit_status = || status.ok_or("the test process vanished");
         let failure = if timed_out {
             Some(Failure::TimedOut {
                 after: spec.timeout.unwrap_or_default(),
@@ -502,9 +531,9 @@ impl Sandbox {
             match report {
                 Some(report) => report.failure,
                 None if matches!(spec.harness, Harness::Libtest { .. }) => {
-                    libtest_failure(status, spec.memory, &output)
+                    libtest_failure(exit_status()?, spec.memory, &output)
                 }
-                None => Some(failure_from_exit(status, spec.memory, &output)),
+                None => Some(failure_from_exit(exit_status()?, spec.memory, &output)),
             }
         };
         let leaked = relay.leaked;
@@ -1029,17 +1058,14 @@ const PASSED_LINE: &[u8] = br#"{"outcome":{"failure":null}}"#;
 /// [`Record::Relay`] of a test that leaked nothing, as it is written.
 const NOTHING_LEAKED_LINE: &[u8] = br#"{"relay":{"leaked":[]}}"#;
 
-/// Reads the records once the per-test process has exited: whatever it and the test process
-/// wrote is in the pipe's buffer. A line that is not a record (a descendant that wrote to an
-/// inherited descriptor) is ignored.
-fn read_records(fd: &OwnedFd) -> (Option<ChildReport>, RelayReport) {
-    let mut outcome = None;
-    let mut relay = RelayReport::default();
+/// Appends what is left in the result pipe to `bytes`, once the per-test process has exited
+/// or closed it (it does not block: the pipe is
+/// non-blocking, and its writers are gone or a descendant holds it).
+fn read_rest(fd: &OwnedFd, bytes: &mut Vec<u8>) {
     let Ok(clone) = fd.try_clone() else {
-        return (outcome, relay);
+        return;
     };
     let mut file = std::fs::File::from(clone);
-    let mut bytes = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
         match file.read(&mut buf) {
@@ -1049,6 +1075,13 @@ fn read_records(fd: &OwnedFd) -> (Option<ChildReport>, RelayReport) {
             Err(_) => break, // WouldBlock: a descendant still holds the write end
         }
     }
+}
+
+/// The records in what the result pipe held. A line that is not a record (a descendant
+/// that wrote to an inherited descriptor) is ignored.
+fn parse_records(bytes: &[u8]) -> (Option<ChildReport>, RelayReport) {
+    let mut outcome = None;
+    let mut relay = RelayReport::default();
     for line in bytes.split(|&b| b == b'\n') {
         // The usual two lines, recognised without a parse (which is slow in the unoptimised
         // builds `cargo test` makes).
@@ -1173,7 +1206,9 @@ mod tests {
         write.write_all(b"\n").unwrap();
         write.write_all(PASSED_LINE).unwrap();
         drop(write);
-        let (outcome, relay) = read_records(&read);
+        let mut bytes = Vec::new();
+        read_rest(&read, &mut bytes);
+        let (outcome, relay) = parse_records(&bytes);
         assert!(outcome.is_some_and(|o| o.failure.is_none()));
         assert_eq!(relay.leaked, vec!["sleep".to_owned()]);
     }

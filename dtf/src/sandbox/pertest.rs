@@ -144,12 +144,23 @@ impl Relay {
     /// test has returned. A test that ends the process itself (`exit`, `abort`, a fatal
     /// signal) ends it as a test process would; what it left outside its group then goes to
     /// the fork server (or the runner's group kill), which kills it.
+    ///
+    /// Once the test has returned, its output ends (what is buffered is flushed, then stdout
+    /// and stderr point at `/dev/null`), the records follow, and the result pipe closes: with
+    /// all three at their end, the spawner has the whole report and need not wait for this
+    /// process's exit, whose teardown then overlaps the next test.
     fn in_process(&mut self) -> ! {
         let failure = child::registered_test_failure(&self.spec.test);
+        end_output();
         child::write_outcome(&mut self.report, failure);
         let leaked = catch_leaks();
         if !leaked.is_empty() {
             write_record(&mut self.report, &Record::Relay(RelayReport { leaked }));
+        }
+        // SAFETY: the result pipe's descriptor, closed once; `self.report` is never used or
+        // dropped after this (the process exits).
+        unsafe {
+            libc::close(std::os::fd::AsRawFd::as_raw_fd(&self.report));
         }
         std::process::exit(0)
     }
@@ -243,6 +254,25 @@ impl Relay {
             write_record(&mut self.report, &Record::Relay(RelayReport { leaked }));
         }
         exit_like(status)
+    }
+}
+
+/// Flushes what the test's process buffered for stdout and stderr (Rust's and the C
+/// library's), then points both at `/dev/null`, which closes this process's ends of the
+/// output pipes.
+fn end_output() {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: fflush(NULL) flushes every C stream; /dev/null is opened and dup2'd onto 1 and
+    // 2, then its own descriptor closed.
+    unsafe {
+        libc::fflush(std::ptr::null_mut());
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
     }
 }
 
