@@ -127,15 +127,7 @@ impl Key {
 }
 
 fn records_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|home| PathBuf::from(home).join(".cache"))
-        })?;
-    Some(base.join("dtf").join("runs"))
+    Some(dtf::config::user_cache_dir()?.join("dtf").join("runs"))
 }
 
 /// The workspace as recorded (its metadata as text).

@@ -327,15 +327,7 @@ fn load_token(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|home| PathBuf::from(home).join(".cache"))
-        })?;
-    Some(base.join("dtf-worker"))
+    Some(dtf::config::user_cache_dir()?.join("dtf-worker"))
 }
 
 /// Raises the soft open-file limit to the hard limit; the soft limit in force afterwards.

@@ -33,6 +33,19 @@ pub const CONFIG_VAR: &str = "DTF_CONFIG";
 /// The variable that chooses the profile (`-P/--profile` wins).
 pub const PROFILE_VAR: &str = "DTF_PROFILE";
 
+/// The user's cache directory, where dtf keeps what a later run reuses: `$XDG_CACHE_HOME`,
+/// else `~/.cache`; `None` when neither is set.
+pub fn user_cache_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| std::path::PathBuf::from(home).join(".cache"))
+        })
+}
+
 /// Run-wide keys that stand for a `DTF_*` (or libtest) variable: `(key, variable, kind)`.
 /// Adding a setting to dtf means adding its row here.
 pub const ENV_KEYS: &[(&str, &str, Kind)] = &[
