@@ -20,10 +20,11 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+use dtf::coordinator::workers::digest_cache::SETTLE;
+pub use dtf::coordinator::workers::digest_cache::Stamp;
 use serde::{Deserialize, Serialize};
 
 use crate::build::{Binary, Workspace};
@@ -33,57 +34,22 @@ use crate::workspace::Kind;
 pub const VAR: &str = "DTF_SPECULATE";
 
 /// The record's format; records of another one are ignored.
-const FORMAT: u32 = 1;
-
-/// On a filesystem with coarse timestamps (whole seconds, or FAT's two), a file changed this
-/// recently when it was stamped may change again within the same tick: its stamp is not
-/// trusted.
-const SETTLE: Duration = Duration::from_secs(2);
+const FORMAT: u32 = 2;
 
 /// The most records kept; the oldest go first.
 const MAX_RECORDS: usize = 64;
 
-/// What identifies a file's contents without reading them: a linker writes a new file, and
-/// nothing sets a ctime back.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    /// The stamp of the file at `path` now.
-    pub fn of(path: &Path) -> Option<Stamp> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some(Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        })
-    }
-
-    /// Whether the stamp identifies the file's contents: its times have a fraction of a second
-    /// (the filesystem keeps fine timestamps, and the next build of a binary, which waits for
-    /// cargo's lock on the build directory, comes many clock ticks later), or it had not
-    /// changed for [`SETTLE`] when it was stamped at `at`.
-    fn settled_at(&self, at: SystemTime) -> bool {
-        if self.ctime.1 != 0 {
-            return true;
-        }
-        let Ok(at) = at.duration_since(SystemTime::UNIX_EPOCH) else {
-            return false;
-        };
-        let changed = Duration::new(
-            u64::try_from(self.ctime.0).unwrap_or(u64::MAX),
-            u32::try_from(self.ctime.1).unwrap_or(0),
-        );
-        changed + SETTLE <= at
-    }
+/// Whether a stamp of a file that changed at `changed`, taken at `at`, identifies the file's
+/// contents. A change time with a fraction of a second means a filesystem that keeps fine
+/// timestamps, where the next build of a binary (which waits for cargo's lock on the build
+/// directory) comes many clock ticks later; on one that keeps whole seconds (or FAT's two),
+/// the file must not have changed for [`SETTLE`] before it was stamped, as in the digest cache.
+fn settled(changed: Option<SystemTime>, at: SystemTime) -> bool {
+    let Some(since_epoch) = changed.and_then(|c| c.duration_since(SystemTime::UNIX_EPOCH).ok())
+    else {
+        return false;
+    };
+    since_epoch.subsec_nanos() != 0 || changed.is_some_and(|c| c + SETTLE <= at)
 }
 
 /// What a record is for: a digest of the command line, the working directory and the whole
@@ -174,7 +140,7 @@ impl Record {
         let unchanged = binaries
             .iter()
             .zip(&stamps)
-            .all(|(b, s)| Stamp::of(&b.path).as_ref() == Some(s));
+            .all(|(b, s)| Stamp::of_path(&b.path).as_ref() == Some(s));
         if !unchanged || stamps.len() != binaries.len() {
             return None;
         }
@@ -230,7 +196,7 @@ impl Record {
             return None;
         }
         let current = record.binaries.iter().zip(&record.stamps).all(|(b, s)| {
-            s.settled_at(record.stamped_at) && Stamp::of(&b.path).as_ref() == Some(s)
+            settled(s.changed(), record.stamped_at) && Stamp::of_path(&b.path).as_ref() == Some(s)
         });
         if !current {
             return None;
@@ -286,7 +252,7 @@ impl Check {
                 .binaries
                 .iter()
                 .zip(&self.stamps)
-                .all(|(b, s)| Stamp::of(&b.path).as_ref() == Some(s))
+                .all(|(b, s)| Stamp::of_path(&b.path).as_ref() == Some(s))
     }
 }
 
@@ -312,6 +278,7 @@ fn prune(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn binary(path: &Path) -> Binary {
         Binary {
@@ -341,7 +308,7 @@ mod tests {
         let path = dir.path().join("t");
         std::fs::write(&path, b"one").unwrap();
         let b = vec![binary(&path)];
-        let stamps = vec![Stamp::of(&path)];
+        let stamps = vec![Stamp::of_path(&path)];
         let later = SystemTime::now() + Duration::from_secs(3);
         let key = Key("k".to_owned());
         let record = Record::new(&key, &workspace(), &b, &stamps, later, &[], None).unwrap();
@@ -352,7 +319,7 @@ mod tests {
         let mut u = binary(&second);
         u.id = "pkg::u".to_owned();
         let both = vec![binary(&path), u];
-        let stamps2 = vec![Stamp::of(&path), Stamp::of(&second)];
+        let stamps2 = vec![Stamp::of_path(&path), Stamp::of_path(&second)];
         let record2 = Record::new(&key, &workspace(), &both, &stamps2, later, &[], None).unwrap();
         let reversed: Vec<Binary> = both.iter().rev().cloned().collect();
         assert!(record2.check().confirmed_by(&reversed));
@@ -371,14 +338,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
         std::fs::write(&path, b"one").unwrap();
-        let mut stamp = Stamp::of(&path).unwrap();
+        let stamp = Stamp::of_path(&path).unwrap();
+        let fine = stamp.changed().unwrap();
+        let whole_second = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+                == 0
+        };
         // This filesystem keeps fractions of a second (1 in 250 writes lands on a whole one).
-        assert!(stamp.ctime.1 == 0 || stamp.settled_at(SystemTime::now()));
+        assert!(whole_second(fine) || settled(Some(fine), SystemTime::now()));
         // One that keeps whole seconds: trusted only once the file had settled.
-        stamp.ctime.1 = 0;
-        let changed = SystemTime::UNIX_EPOCH + Duration::from_secs(stamp.ctime.0 as u64);
-        assert!(!stamp.settled_at(changed + Duration::from_millis(1500)));
-        assert!(stamp.settled_at(changed + Duration::from_secs(2)));
+        let changed = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                fine.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+            );
+        assert!(!settled(
+            Some(changed),
+            changed + Duration::from_millis(1500)
+        ));
+        assert!(settled(Some(changed), changed + Duration::from_secs(2)));
     }
 
     #[test]
@@ -386,7 +367,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
         std::fs::write(&path, b"one").unwrap();
-        let stamps = vec![Stamp::of(&path)];
+        let stamps = vec![Stamp::of_path(&path)];
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"longer").unwrap();
         let key = Key("k".to_owned());

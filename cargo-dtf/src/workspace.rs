@@ -235,7 +235,7 @@ fn discover(
     let stamped_at = std::time::SystemTime::now();
     let stamps = binaries
         .iter()
-        .map(|b| crate::speculate::Stamp::of(&b.path))
+        .map(|b| crate::speculate::Stamp::of_path(&b.path))
         .collect();
     let kinds = list_all(&binaries, flag_env, runner)?;
     let candidates = candidates_of(&kinds);

@@ -811,13 +811,23 @@ pub mod digest_cache {
     pub const SETTLE: Duration = Duration::from_secs(2);
 
     /// What identifies one version of a file.
-    #[derive(Debug, Clone, PartialEq, Eq)]
+    #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
     pub struct Stamp {
         text: String,
         changed: Option<SystemTime>,
     }
 
     impl Stamp {
+        /// The stamp of the file at `path` now.
+        pub fn of_path(path: &Path) -> Option<Stamp> {
+            Some(Stamp::of(&std::fs::metadata(path).ok()?))
+        }
+
+        /// When the file last changed (its ctime), where that is known.
+        pub fn changed(&self) -> Option<SystemTime> {
+            self.changed
+        }
+
         /// The stamp of the file `meta` describes.
         pub fn of(meta: &std::fs::Metadata) -> Stamp {
             #[cfg(unix)]
