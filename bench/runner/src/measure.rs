@@ -1,5 +1,6 @@
 //! Timing and building: run a command several times, take the median; build the suites.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -126,12 +127,9 @@ pub fn workspace_root() -> PathBuf {
 /// Builds the given test targets of the suites crate and the worker in release mode; returns
 /// the executables by target name.
 pub fn build(targets: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
-    let mut cmd = Command::new(cargo());
-    cmd.current_dir(workspace_root()).args([
+    let release = [
         "build",
         "--release",
-        "--quiet",
-        "--message-format=json",
         "-p",
         "dtf-bench-suites",
         "-p",
@@ -142,7 +140,28 @@ pub fn build(targets: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
         "dtf-bench",
         "--bin",
         "dtf-fake-worker",
-    ]);
+    ];
+    cargo_executables(&release, targets, "the benchmark suites")
+}
+
+/// Builds the given test targets of the suites crate in the profile `cargo test` uses (debug);
+/// returns the executables by target name.
+pub fn debug_executables(targets: &[&str]) -> Result<HashMap<String, PathBuf>, String> {
+    let debug = ["test", "--no-run", "-p", "dtf-bench-suites"];
+    cargo_executables(&debug, targets, "the debug benchmark suites")
+        .map(|found| found.into_iter().collect())
+}
+
+/// Runs cargo with `args` and `--test` for each of `targets`; the executables it built.
+fn cargo_executables(
+    args: &[&str],
+    targets: &[&str],
+    what: &str,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(workspace_root())
+        .args(args)
+        .args(["--quiet", "--message-format=json"]);
     for t in targets {
         cmd.args(["--test", t]);
     }
@@ -151,10 +170,15 @@ pub fn build(targets: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
         .output()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !out.status.success() {
-        return Err("cargo build of the benchmark suites failed".to_owned());
+        return Err(format!("cargo build of {what} failed"));
     }
+    Ok(executables(&out.stdout))
+}
+
+/// The executables cargo's JSON messages name, by target name.
+fn executables(json_lines: &[u8]) -> Vec<(String, PathBuf)> {
     let mut found = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in String::from_utf8_lossy(json_lines).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
@@ -167,7 +191,7 @@ pub fn build(targets: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
             found.push((name.to_owned(), PathBuf::from(exe)));
         }
     }
-    Ok(found)
+    found
 }
 
 /// A command for a dtf binary with no inherited dtf or libtest settings.
