@@ -629,6 +629,68 @@ fn fork_server_rss() -> Option<u64> {
         .map(|f| f.2)
 }
 
+/// The number of tests in the shaped suites.
+const SHAPED_TESTS: f64 = 150.0;
+
+/// What `tests/floor.rs` measured in its fork server: CPU per fresh process, in ms, medians
+/// of `reps` runs.
+struct Floor {
+    /// Fork, exit, wait.
+    bare: f64,
+    /// With one shaped test's work in the child.
+    work: f64,
+    /// With that work on a named thread.
+    thread: f64,
+}
+
+fn fork_floor(bin: &Path, reps: usize) -> Result<Floor, String> {
+    let file = std::env::temp_dir().join(format!("dtf-bench-floor-{}", std::process::id()));
+    let mut runs: [Vec<f64>; 3] = Default::default();
+    for _ in 0..reps.max(1) {
+        let _ = std::fs::remove_file(&file);
+        let status = clean_command(bin)
+            .arg("-q")
+            .env("DTF_BENCH_FLOOR", &file)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let _ = std::fs::remove_file(&file);
+        if !status.success() || text.is_empty() {
+            return Err(format!(
+                "the floor suite measured nothing ({status}): was its warm-up run in a fork \
+                 server?"
+            ));
+        }
+        for line in text.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(kind), Some(cpu)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let Ok(cpu) = cpu.parse::<f64>() else {
+                continue;
+            };
+            let slot = match kind {
+                "bare" => 0,
+                "work" => 1,
+                "thread" => 2,
+                _ => continue,
+            };
+            runs[slot].push(cpu);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let [mut bare, mut work, mut thread] = runs;
+    Ok(Floor {
+        bare: median(&mut bare),
+        work: median(&mut work),
+        thread: median(&mut thread),
+    })
+}
+
 /// The fork server: per-test wall and CPU by fork and by exec, against cargo-nextest on a
 /// std-harness twin and libtest; the server's memory; a suite with shared set-up, with and
 /// without a warm-up, against libtest serial and threaded.
@@ -726,16 +788,13 @@ pub fn fork(b: &mut Bench) -> Result<(), String> {
     // The same in the profile `cargo test` builds by default (debug), where dtf's own code is
     // unoptimised too; and the shaped suite with its warm-up against serialised libtest.
     let quiet_nextest = ["--status-level", "none", "--final-status-level", "none"];
-    let build_debug = Command::new(measure::cargo())
-        .current_dir(&root)
-        .args(["build", "-q", "-p", "dtf-bench-suites"])
-        .args(["--test", "trivial", "--test", "trivial_std"])
-        .args(["--test", "shaped_warm", "--test", "shaped_std"])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !build_debug.success() {
-        return Err("building the debug suites failed".to_owned());
-    }
+    let debug = measure::debug_executables(&[
+        "trivial",
+        "trivial_std",
+        "shaped_warm",
+        "shaped_std",
+        "floor",
+    ])?;
     let nextest_debug = through_cargo_as(&[], &["nextest", "run"], "trivial_std", &quiet_nextest)?;
     let dtf_debug = through_cargo_as(&[], &["test", "-q"], "trivial", &[])?;
     let ratio_debug = dtf_debug.as_secs_f64() / nextest_debug.as_secs_f64();
@@ -773,6 +832,72 @@ pub fn fork(b: &mut Bench) -> Result<(), String> {
         "≤ 1.0×",
         shaped_debug <= 1.0,
     );
+
+    // The same two debug binaries run directly (without cargo's own 0.1-0.2 s), and the floor
+    // under them: what the kernel alone charges for a fresh process that runs one shaped test
+    // on a named thread, measured from a debug fork server's own image (`tests/floor.rs`).
+    let debug_bin = |name: &str| {
+        debug
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("the debug build produced no `{name}` binary"))
+    };
+    let (warm_bin, serial_bin) = (debug_bin("shaped_warm")?, debug_bin("shaped_std")?);
+    let warm_direct = time_median(reps, || {
+        let mut c = clean_command(&warm_bin);
+        c.arg("-q");
+        c
+    })?;
+    let serial_direct = time_median(reps, || {
+        let mut c = clean_command(&serial_bin);
+        c.args(["-q", "--test-threads=1"]);
+        c
+    })?;
+    b.row(
+        "fork",
+        format!(
+            "debug, run directly: shaped with warm-up {} / libtest serialised {}",
+            secs(warm_direct),
+            secs(serial_direct)
+        ),
+        format!(
+            "{:.2}×",
+            warm_direct.as_secs_f64() / serial_direct.as_secs_f64()
+        ),
+        warm_direct.as_secs_f64() / serial_direct.as_secs_f64(),
+    );
+    let floor = fork_floor(&debug_bin("floor")?, reps)?;
+    b.row(
+        "fork",
+        "debug fork server's floor, no dtf code in the child: fork + exit / + one shaped test's \
+         work / that work on a named thread (CPU per test)",
+        format!(
+            "{:.2} / {:.2} / {:.2} ms",
+            floor.bare, floor.work, floor.thread
+        ),
+        floor.thread,
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let bound_ms = SHAPED_TESTS * floor.thread / cores;
+    let serial_ms = serial_direct.as_secs_f64() * 1000.0;
+    b.row(
+        "fork",
+        format!(
+            "shaped suite's floor: {SHAPED_TESTS} × {:.2} ms over {cores} cores = {bound_ms:.0} \
+             ms, against libtest serialised run directly, {serial_ms:.0} ms",
+            floor.thread
+        ),
+        format!("{:.2}×", bound_ms / serial_ms),
+        bound_ms / serial_ms,
+    );
+    if bound_ms >= serial_ms {
+        b.note(format!(
+            "the shaped target (no slower than serialised libtest) is out of reach here: the \
+             kernel's cost of {SHAPED_TESTS} fresh processes with a test thread each, spread \
+             over {cores} cores and with nothing of dtf in them, is {bound_ms:.0} ms, and \
+             libtest's whole serialised run {serial_ms:.0} ms"
+        ));
+    }
 
     // The full level's extra cost per test, by fork.
     if full_available(&trivial) {
@@ -822,7 +947,7 @@ pub fn fork(b: &mut Bench) -> Result<(), String> {
     }
 
     // Shared set-up: 150 tests × 0.2 ms over a table that takes 5 ms to build.
-    let count = 150.0;
+    let count = SHAPED_TESTS;
     let shaped = b.bin("shaped")?.to_path_buf();
     let warm = b.bin("shaped_warm")?.to_path_buf();
     let shaped_std = b.bin("shaped_std")?.to_path_buf();

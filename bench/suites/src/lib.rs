@@ -48,3 +48,80 @@ pub fn shaped_test(seed: u64) {
     }
     assert_ne!(std::hint::black_box(sum), 1, "a table of mixed values");
 }
+
+/// What one fresh process costs in the process that calls this, with nothing of dtf's in it:
+/// medians over `rounds` rounds of `per_round` forks of each kind, CPU (this process and its
+/// children) and wall, in milliseconds per fork. The kinds, alternated within each round:
+///
+/// - `bare`: fork, the child exits at once, the parent waits;
+/// - `work`: the child does one shaped test's work ([`shaped_test`]) on its first thread;
+/// - `thread`: the child does it on a thread named like a test, as a test runs (and as libtest
+///   runs one), and joins it.
+///
+/// Returned as `kind cpu_ms wall_ms` lines. Call it with one thread (a fork server's
+/// warm-up).
+pub fn fork_floor(rounds: usize, per_round: usize) -> String {
+    use nix::sys::resource::{UsageWho, getrusage};
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{ForkResult, fork};
+    let cpu = || {
+        let of = |who| {
+            getrusage(who).map_or(Duration::ZERO, |u| {
+                let t = |tv: nix::sys::time::TimeVal| {
+                    Duration::new(tv.tv_sec() as u64, tv.tv_usec() as u32 * 1000)
+                };
+                t(u.user_time()) + t(u.system_time())
+            })
+        };
+        of(UsageWho::RUSAGE_SELF) + of(UsageWho::RUSAGE_CHILDREN)
+    };
+    let kinds = ["bare", "work", "thread"];
+    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); kinds.len()];
+    table();
+    for round in 0..rounds {
+        for (k, kind) in kinds.iter().enumerate() {
+            let (cpu_before, wall_before) = (cpu(), Instant::now());
+            for i in 0..per_round {
+                let seed = (round * per_round + i) as u64;
+                // SAFETY: called with one thread; the child only runs the work below and
+                // leaves by `_exit`.
+                match unsafe { fork() } {
+                    Ok(ForkResult::Child) => {
+                        match *kind {
+                            "work" => shaped_test(seed),
+                            "thread" => {
+                                let _ = std::thread::Builder::new()
+                                    .name(format!("t{seed:05}"))
+                                    .spawn(move || shaped_test(seed))
+                                    .map(|h| h.join());
+                            }
+                            _ => {}
+                        }
+                        // SAFETY: ends the child without running the parent's exit handlers.
+                        unsafe { nix::libc::_exit(0) }
+                    }
+                    Ok(ForkResult::Parent { child }) => {
+                        let _ = waitpid(child, None);
+                    }
+                    Err(_) => return String::new(),
+                }
+            }
+            let per = |d: Duration| d.as_secs_f64() * 1000.0 / per_round as f64;
+            samples[k].0.push(per(cpu() - cpu_before));
+            samples[k].1.push(per(wall_before.elapsed()));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let mut out = String::new();
+    for (kind, (cpus, walls)) in kinds.iter().zip(&mut samples) {
+        out.push_str(&format!(
+            "{kind} {:.4} {:.4}\n",
+            median(cpus),
+            median(walls)
+        ));
+    }
+    out
+}
