@@ -1,6 +1,7 @@
 //! The fork server: tests forked from it see what an exec'd test sees, warm-ups run once in it
 //! and tests inherit their state, a failing warm-up stops the run before any test, a server
-//! with a thread falls back to exec with one note, and workers run a server of their own.
+//! with a thread falls back to exec with one note, workers run a server of their own, and a test
+//! cancelled before its pid is back is still killed and its directory removed.
 //! (Every other end-to-end test runs with the fork server too: it is the default.)
 
 use std::path::{Path, PathBuf};
@@ -151,4 +152,110 @@ fn a_worker_runs_the_tests_of_a_run_from_a_fork_server_of_its_own() {
     );
     // One server on the worker ran the warm-up, once, for all three tests.
     assert_eq!(warm_ups(dir.path()).len(), 1, "{}", run.dump());
+}
+
+/// The pids of the children of `pid` (of all its threads).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| pids_in(&list))
+        .collect()
+}
+
+fn pids_in(list: &str) -> Vec<u32> {
+    list.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_test_cancelled_before_its_pid_is_back_is_killed_and_its_directory_removed() {
+    use dtf::sandbox::{RunSpec, Sandbox};
+    let tmp = tempfile::tempdir().expect("a temporary root");
+    let out = tempfile::tempdir().expect("a directory for the test's pids");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let sandbox = Sandbox::new(dtf_e2e::fixture(), tmp.path().to_path_buf(), false);
+        sandbox.start_fork_server().await.expect("the fork server");
+        // Started by this thread (the runtime's only one); other tests run on other threads.
+        let tid = nix::unistd::gettid();
+        let servers = pids_in(
+            &std::fs::read_to_string(format!("/proc/self/task/{tid}/children"))
+                .expect("this thread's children"),
+        );
+        assert_eq!(servers.len(), 1, "one fork server: {servers:?}");
+        let spec = |ms: &str| RunSpec {
+            test: "dist_sleep_1".to_owned(),
+            isolation: dtf::Isolation::Env,
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("FIXTURE_SLEEP_MS".into(), ms.into()),
+                ("FIXTURE_OUT_DIR".into(), out.path().display().to_string()),
+            ],
+            timeout: Some(MINUTE),
+            memory: None,
+            capture: true,
+            cwd: None,
+            leak_fails: false,
+            spawn: Default::default(),
+            harness: Default::default(),
+        };
+        for round in 0..3 {
+            let _ = std::fs::remove_file(out.path().join("pid-dist_sleep_1"));
+            let long = spec("30000");
+            let mut run = Box::pin(sandbox.run(&long));
+            // One poll sends the request. The server's answer (the pid) is read by another
+            // task, which this one-thread runtime runs only once this task waits: the future
+            // is dropped before the runner knows which process is its test's.
+            tokio::select! {
+                biased;
+                attempt = &mut run => panic!("the test ended at once: {attempt:?}"),
+                _ = std::future::ready(()) => {}
+            }
+            drop(run);
+            // Blocking, so that the runner reads nothing meanwhile: the server forks, and the
+            // test makes its directory (which the dropped future may or may not have found to
+            // remove) and starts its grandchild, unknown to the runner.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while dtf_e2e::recorded_pids(out.path()).len() < 2 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the cancelled test never started"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let pids = dtf_e2e::recorded_pids(out.path());
+            // Now the runner hears of it: the test and all it started go, and its directory.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let forked: Vec<u32> = servers.iter().flat_map(|&s| children_of(s)).collect();
+                let dirs = dtf_e2e::dtf_dirs(tmp.path());
+                let alive: Vec<i32> = pids
+                    .iter()
+                    .copied()
+                    .filter(|&p| dtf_e2e::process_alive(p))
+                    .collect();
+                if forked.is_empty() && dirs.is_empty() && alive.is_empty() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the cancelled test lives on: processes {forked:?}, \
+                     {alive:?}; directories {dirs:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // The server still serves.
+        let attempt = sandbox.run(&spec("0")).await;
+        assert!(attempt.failure.is_none(), "{attempt:?}");
+        sandbox.stop_fork_server().await;
+    });
 }

@@ -479,7 +479,14 @@ impl Server {
                 spec.parent = Some(nix::unistd::getppid().as_raw() as u32);
                 become_per_test(spec, env, request.cwd, stdout, stderr, result)
             }
-            Ok(ForkResult::Parent { child }) => Some(child.as_raw()),
+            Ok(ForkResult::Parent { child }) => {
+                // The child makes itself a group leader too; doing it here as well means the
+                // group exists before its pid is reported, so a runner that kills the group at
+                // once (a cancelled test) cannot miss it. It fails harmlessly if the child
+                // was first.
+                let _ = nix::unistd::setpgid(child, child);
+                Some(child.as_raw())
+            }
         }
     }
 
@@ -723,6 +730,14 @@ struct Inner {
 struct Pending {
     started: Option<oneshot::Sender<Result<i32, Refusal>>>,
     exited: Option<oneshot::Sender<Result<ExitStatus, String>>>,
+    /// The per-test process's pid, once the server has said it.
+    pid: Option<i32>,
+    /// The test's directory, which the forked process makes.
+    dir: Option<PathBuf>,
+    /// The runner stopped waiting before it learnt the pid (its test was cancelled): nobody
+    /// else can end this process, so the reader kills its group when the pid arrives and
+    /// removes its directory once it has exited.
+    abandoned: bool,
 }
 
 /// Why a test did not start through the server.
@@ -861,15 +876,30 @@ impl ForkServer {
             Pending {
                 started: Some(started_tx),
                 exited: Some(exited_tx),
+                pid: None,
+                dir: spec.dir.clone(),
+                abandoned: false,
             },
         );
+        // From here until the pid is in hand, a dropped future (a cancelled test) leaves the
+        // process, once forked, to the reader to end.
+        let mut waiting = Waiting {
+            inner: &self.inner,
+            id,
+            armed: true,
+            sent: false,
+        };
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         if let Err(reason) = self.inner.send(&bytes, &raw).await {
+            waiting.armed = false;
             self.inner.lock_pending().remove(&id);
             return Err(Refusal::Fallback(self.inner.close(reason)));
         }
+        waiting.sent = true;
         drop(fds);
-        match started_rx.await {
+        let started = started_rx.await;
+        waiting.armed = false;
+        match started {
             Ok(Ok(pid)) => Ok(Forked {
                 pid,
                 exited: exited_rx,
@@ -894,6 +924,49 @@ impl ForkServer {
 impl Drop for ForkServer {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// Armed while [`ForkServer::spawn`] waits for its process's pid: dropped armed (the
+/// runner's future was dropped), it hands the process over to the reader (see
+/// [`Pending::abandoned`]).
+struct Waiting<'a> {
+    inner: &'a Inner,
+    id: u64,
+    armed: bool,
+    /// The request went out: the server forks (or refuses) whether or not anyone waits.
+    sent: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut pending = self.inner.lock_pending();
+        if !self.sent {
+            pending.remove(&self.id);
+            return;
+        }
+        if let Some(p) = pending.get_mut(&self.id) {
+            p.abandoned = true;
+            p.started = None;
+            p.exited = None;
+            // The pid arrived but was not read yet.
+            if let Some(pid) = p.pid {
+                kill_group(pid);
+            }
+        }
+    }
+}
+
+/// Kills the process group `pid` leads. The server makes every per-test process a group
+/// leader before it reports its pid, and the group's id stays taken until the server has
+/// reaped it, which it reports after.
+fn kill_group(pid: i32) {
+    // SAFETY: kill(2) with a negative pid signals that process group; it touches no memory.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
     }
 }
 
@@ -955,8 +1028,13 @@ async fn read_loop(inner: Arc<Inner>, mut buf: Vec<u8>) {
         let mut pending = inner.lock_pending();
         match message {
             Message::Started { id, pid } => {
-                if let Some(sender) = pending.get_mut(&id).and_then(|p| p.started.take()) {
-                    let _ = sender.send(Ok(pid));
+                if let Some(p) = pending.get_mut(&id) {
+                    p.pid = Some(pid);
+                    if p.abandoned {
+                        kill_group(pid);
+                    } else if let Some(sender) = p.started.take() {
+                        let _ = sender.send(Ok(pid));
+                    }
                 }
             }
             Message::Refused { id, reason } => {
@@ -967,16 +1045,35 @@ async fn read_loop(inner: Arc<Inner>, mut buf: Vec<u8>) {
                     }
                 }
             }
-            Message::Exited { id, status } => {
-                if let Some(sender) = pending.remove(&id).and_then(|mut p| p.exited.take()) {
+            Message::Exited { id, status } => match pending.remove(&id) {
+                Some(Pending {
+                    abandoned: true,
+                    dir: Some(dir),
+                    ..
+                }) => {
+                    drop(pending);
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Some(Pending {
+                    exited: Some(sender),
+                    ..
+                }) => {
                     let _ = sender.send(Ok(ExitStatus::from_raw(status)));
                 }
-            }
+                _ => {}
+            },
             Message::Ready | Message::WarmUpFailed { .. } => {}
         }
     }
     let reason = inner.close("the fork server ended".to_owned());
-    for (_, mut p) in inner.lock_pending().drain() {
+    let left: Vec<Pending> = inner.lock_pending().drain().map(|(_, p)| p).collect();
+    for mut p in left {
+        if p.abandoned {
+            // The server killed what it had forked as it ended.
+            if let Some(dir) = p.dir.take() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
         if let Some(sender) = p.started.take() {
             let _ = sender.send(Err(Refusal::Fallback(reason.clone())));
         }
