@@ -997,22 +997,13 @@ fn a_cancelled_request_kills_its_test_and_the_connection_goes_on() {
         let conn = connect(&w).await;
         let client = conn.client;
         let digest = upload_all(&client, &binary).await;
-        let spec = dtf::sandbox::RunSpec {
-            test: "dist_sleep_1".to_owned(),
-            isolation: dtf::Isolation::Env,
-            env: vec![
-                ("PATH".into(), "/usr/bin:/bin".into()),
-                ("FIXTURE_SLEEP_MS".into(), "30000".into()),
-                ("FIXTURE_OUT_DIR".into(), out.path().display().to_string()),
+        let spec = dtf_e2e::sleeper_spec(
+            "/usr/bin:/bin",
+            &[
+                ("FIXTURE_SLEEP_MS", "30000".to_owned()),
+                ("FIXTURE_OUT_DIR", out.path().display().to_string()),
             ],
-            timeout: Some(MINUTE),
-            memory: None,
-            capture: true,
-            cwd: None,
-            leak_fails: false,
-            spawn: Default::default(),
-            harness: Default::default(),
-        };
+        );
         let started = async {
             while recorded_pids(out.path()).len() < 2 {
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -490,18 +490,7 @@ fn a_v3_coordinator_runs_a_test_on_this_worker() {
                 offset += piece.len() as u64;
             }
         }
-        let spec = dtf::sandbox::RunSpec {
-            test: "dist_sleep_1".to_owned(),
-            isolation: dtf::Isolation::Env,
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            timeout: Some(MINUTE),
-            memory: None,
-            capture: true,
-            cwd: None,
-            leak_fails: false,
-            spawn: Default::default(),
-            harness: Default::default(),
-        };
+        let spec = dtf_e2e::sleeper_spec("/usr/bin:/bin", &[]);
         let response = client
             .run(
                 ctx(),

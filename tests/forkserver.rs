@@ -174,7 +174,7 @@ fn pids_in(list: &str) -> Vec<u32> {
 
 #[test]
 fn a_test_cancelled_before_its_pid_is_back_is_killed_and_its_directory_removed() {
-    use dtf::sandbox::{RunSpec, Sandbox};
+    use dtf::sandbox::Sandbox;
     let tmp = tempfile::tempdir().expect("a temporary root");
     let out = tempfile::tempdir().expect("a directory for the test's pids");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -191,21 +191,14 @@ fn a_test_cancelled_before_its_pid_is_back_is_killed_and_its_directory_removed()
                 .expect("this thread's children"),
         );
         assert_eq!(servers.len(), 1, "one fork server: {servers:?}");
-        let spec = |ms: &str| RunSpec {
-            test: "dist_sleep_1".to_owned(),
-            isolation: dtf::Isolation::Env,
-            env: vec![
-                ("PATH".into(), "/usr/bin:/bin".into()),
-                ("FIXTURE_SLEEP_MS".into(), ms.into()),
-                ("FIXTURE_OUT_DIR".into(), out.path().display().to_string()),
-            ],
-            timeout: Some(MINUTE),
-            memory: None,
-            capture: true,
-            cwd: None,
-            leak_fails: false,
-            spawn: Default::default(),
-            harness: Default::default(),
+        let spec = |ms: &str| {
+            dtf_e2e::sleeper_spec(
+                "/usr/bin:/bin",
+                &[
+                    ("FIXTURE_SLEEP_MS", ms.to_owned()),
+                    ("FIXTURE_OUT_DIR", out.path().display().to_string()),
+                ],
+            )
         };
         for round in 0..3 {
             let _ = std::fs::remove_file(out.path().join("pid-dist_sleep_1"));

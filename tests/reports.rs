@@ -461,7 +461,8 @@ fn parse_xml(bytes: &[u8]) -> Element {
             Event::GeneralRef(r) => {
                 let c = match r.resolve_char_ref().expect("character reference") {
                     Some(c) => c,
-                    None => match r.as_ref() {
+                    // Spelled out: other crates in the graph make `as_ref` ambiguous here.
+                    None => match <[u8] as AsRef<[u8]>>::as_ref(&r) {
                         b"amp" => '&',
                         b"lt" => '<',
                         b"gt" => '>',

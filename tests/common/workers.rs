@@ -497,3 +497,22 @@ fn launch(
     });
     (child, addr, http, log)
 }
+
+/// A request to run the fixture's `dist_sleep_1` at level `env` with output captured and a
+/// minute's timeout, its environment `PATH` and then `env`.
+pub fn sleeper_spec(path: &str, env: &[(&str, String)]) -> dtf::sandbox::RunSpec {
+    let mut vars = vec![("PATH".to_owned(), path.to_owned())];
+    vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    dtf::sandbox::RunSpec {
+        test: "dist_sleep_1".to_owned(),
+        isolation: dtf::Isolation::Env,
+        env: vars,
+        timeout: Some(Duration::from_secs(60)),
+        memory: None,
+        capture: true,
+        cwd: None,
+        leak_fails: false,
+        spawn: Default::default(),
+        harness: Default::default(),
+    }
+}
