@@ -651,3 +651,114 @@ fn a_target_without_harness_false_fails_with_what_to_do() {
         run.dump()
     );
 }
+
+/// Runs the fixture's four `dist_sleep_*` tests on one core (so the default is one slot),
+/// each sleeping `ms`, with `args`; the most of them seen running at once, and the run's
+/// exit code and output.
+fn sleepers_on_one_core(
+    history: &Path,
+    ms: u64,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (usize, Option<i32>, String) {
+    let out = tempfile::tempdir().expect("a directory for the tests' pids");
+    let mut cmd = dtf_command(Path::new("taskset"));
+    cmd.args(["-c", "0"])
+        .arg(fixture())
+        .args(["--exact", "dist_sleep_1", "dist_sleep_2"])
+        .args(["dist_sleep_3", "dist_sleep_4"])
+        .args(args)
+        .env("DTF_HISTORY_DIR", history)
+        .env("DTF_PASS_ENV", "FIXTURE_*")
+        .env("FIXTURE_SLEEP_MS", ms.to_string())
+        .env("FIXTURE_OUT_DIR", out.path())
+        .envs(env.iter().copied());
+    let mut run = Background::start(&mut cmd);
+    // A test is in its body while its `sleep` grandchild lives: the test starts it first and
+    // kills and reaps it last (its own process may outlive the body by a moment).
+    let test_pids = || -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir(out.path()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|line| line.split_whitespace().nth(1)?.parse().ok())
+            .collect()
+    };
+    let mut most = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while matches!(run.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        let alive = test_pids()
+            .into_iter()
+            .filter(|&p| process_alive(p))
+            .count();
+        most = most.max(alive);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let code = run.wait(Duration::from_secs(10));
+    let (stdout, stderr) = run.output();
+    (most, code, format!("{stdout}{stderr}"))
+}
+
+#[test]
+fn tests_known_to_be_short_share_a_slot_unless_the_slots_were_chosen() {
+    // Without a history, one core is one test at a time.
+    let empty = tempfile::tempdir().expect("a history directory");
+    let (most, code, said) = sleepers_on_one_core(empty.path(), 300, &[], &[]);
+    assert_eq!(code, Some(0), "{said}");
+    assert_eq!(most, 1, "no history yet: one slot, one test\n{said}");
+    // A history that says they are short: the one a run writes, its durations set to 1 ms
+    // (what they take on a quiet machine, which this may not be).
+    let short = tempfile::tempdir().expect("a history directory");
+    let (_, code, said) = sleepers_on_one_core(short.path(), 0, &[], &[]);
+    assert_eq!(code, Some(0), "{said}");
+    let mut files = 0;
+    for entry in std::fs::read_dir(short.path())
+        .expect("the history")
+        .flatten()
+    {
+        if entry.path().extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).expect("the history file");
+        let mut history: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        let tests = history["tests"].as_object_mut().expect("its tests");
+        assert_eq!(tests.len(), 4, "{text}");
+        for record in tests.values_mut() {
+            record["mean_secs"] = 0.001.into();
+            record["last_secs"] = 0.001.into();
+        }
+        std::fs::write(entry.path(), history.to_string()).expect("write the history");
+        files += 1;
+    }
+    assert_eq!(files, 1, "one history file");
+    // ...copied for each run below, which records its own long durations.
+    let copy = || {
+        let dir = tempfile::tempdir().expect("a history directory");
+        for entry in std::fs::read_dir(short.path())
+            .expect("the history")
+            .flatten()
+        {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+        }
+        dir
+    };
+    // They share the slot two to one, even when they turn out long this time.
+    let history = copy();
+    let (most, code, said) = sleepers_on_one_core(history.path(), 300, &[], &[]);
+    assert_eq!(code, Some(0), "{said}");
+    assert_eq!(most, 2, "short tests share the slot\n{said}");
+    // A number of slots the user chose is kept exactly.
+    let one: &[(&str, &str)] = &[("RUST_TEST_THREADS", "1")];
+    for (args, env) in [
+        (&["--test-threads", "1"][..], &[][..]),
+        (&["--test-threads=1", "--order", "history"][..], &[][..]),
+        (&[][..], one),
+    ] {
+        let history = copy();
+        let (most, code, said) = sleepers_on_one_core(history.path(), 300, args, env);
+        assert_eq!(code, Some(0), "{said}");
+        assert_eq!(most, 1, "{args:?} {env:?}\n{said}");
+    }
+}

@@ -95,10 +95,22 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
         record_history,
         unchanged_keys,
         workers,
-        local,
+        mut local,
         flaky_fails,
     } = run;
-    let (order, shuffle_seed) = start_order(&plan, order, &history_file);
+    let (order, shuffle_seed, history) = start_order(&plan, order, &history_file);
+    if local.share_short {
+        local.short = plan
+            .tests
+            .iter()
+            .map(|t| {
+                history.get(&t.name).is_some_and(|r| {
+                    let last = Duration::try_from_secs_f64(r.last_secs).unwrap_or(Duration::MAX);
+                    !r.failed && r.estimate().max(last) < crate::scheduler::SHORT
+                })
+            })
+            .collect();
+    }
     info.shuffle_seed = shuffle_seed;
 
     let started = Instant::now();
@@ -175,13 +187,14 @@ pub fn ignored(name: String, reason: Option<String>) -> TestReport {
     }
 }
 
-/// The order to start the plan's tests in, with the seed of a random order. The history is
-/// read only for `--order history`; when it cannot be read the run warns and goes on.
+/// The order to start the plan's tests in, with the seed of a random order, and the history
+/// it was planned from. The history is read only for `--order history` (empty otherwise);
+/// when it cannot be read the run warns and goes on.
 fn start_order(
     plan: &Plan,
     order: Order,
     history_file: &std::path::Path,
-) -> (Vec<usize>, Option<u64>) {
+) -> (Vec<usize>, Option<u64>, History) {
     let names: Vec<&str> = plan.tests.iter().map(|t| t.name.as_str()).collect();
     let (rule, seed) = match order {
         Order::History => (Rule::History, None),
@@ -199,7 +212,7 @@ fn start_order(
     } else {
         History::new()
     };
-    (order::order(&names, &history, rule), seed)
+    (order::order(&names, &history, rule), seed, history)
 }
 
 /// Adds the run's durations and outcomes to the history; a failure only warns.
@@ -227,6 +240,8 @@ fn record(
 pub struct Settings {
     /// `--test-threads` / `RUST_TEST_THREADS`.
     pub slots: usize,
+    /// Neither set the slots: they are the core count.
+    pub default_slots: bool,
     /// `--fail-fast`, or `fail-fast = true` in the profile.
     pub fail_fast: bool,
     /// Per-test defaults.
@@ -262,6 +277,7 @@ impl Settings {
         package: &str,
         file: config::Config,
     ) -> Result<Settings, Error> {
+        let default_slots = args.test_threads.is_none() && env_var("RUST_TEST_THREADS").is_none();
         let slots = match (&args.test_threads, env_var("RUST_TEST_THREADS")) {
             (Some(n), _) => {
                 cli::parse_threads(n, "--test-threads").map_err(|message| Error::BadFlag {
@@ -331,6 +347,7 @@ impl Settings {
         let spawn = parse_env(SPAWN_VAR, |s| s.parse())?.unwrap_or_else(default_spawn);
         Ok(Settings {
             slots,
+            default_slots,
             defaults: Defaults {
                 isolation,
                 full_becomes: Isolation::Full,

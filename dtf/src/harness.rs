@@ -202,6 +202,8 @@ async fn run_tests(
         workers,
         local: LocalOptions {
             slots: config.slots,
+            share_short: config.default_slots,
+            short: Vec::new(),
             fail_fast: config.fail_fast,
             slow: config.slow,
         },

@@ -26,6 +26,15 @@ pub enum Ending {
 pub struct LocalOptions {
     /// Tests at once.
     pub slots: usize,
+    /// Whether tests known to be short may share a slot (the slots are the default, the core
+    /// count, rather than a `--test-threads` or `RUST_TEST_THREADS` the user chose).
+    pub share_short: bool,
+    /// `short[i]`: test `i` took less than [`SHORT`] on its last run and on average, as the
+    /// history recorded it, and may share a slot with another such test. Filled by the engine from the
+    /// history when `share_short` is set; empty otherwise.
+    ///
+    /// [`SHORT`]: crate::scheduler::SHORT
+    pub short: Vec<bool>,
     /// Stop at the first failure.
     pub fail_fast: bool,
     /// Notice threshold for slow tests.
@@ -45,7 +54,12 @@ pub async fn run_local(
     reporters: &mut Reporters,
 ) -> (Vec<TestReport>, Ending) {
     let retries: Vec<u32> = plan.tests.iter().map(|t| t.retries).collect();
-    let mut scheduler = Scheduler::with_limits(order, &retries, plan.limits());
+    // Counted in half slots: two tests known to be short share one. A forked test that does
+    // almost nothing spends its time in its process's start and end, and with one test per
+    // core the cores wait on those hand-offs; two per core keep them busy.
+    let limits = plan.limits().in_half_slots(&options.short);
+    let capacity = options.slots.saturating_mul(2);
+    let mut scheduler = Scheduler::with_limits(order, &retries, limits);
     let mut running: JoinSet<(Job, Attempt)> = JoinSet::new();
     let mut jobs: HashMap<tokio::task::Id, Job> = HashMap::new();
     let mut started_at: HashMap<usize, (Instant, bool)> = HashMap::new();
@@ -53,16 +67,16 @@ pub async fn run_local(
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let mut signals = Signals::new();
     let mut ending = Ending::Completed;
-    // Slots taken by the tests running (a test may take several: `threads-required`).
+    // Half slots taken by the tests running (a test may take several: `threads-required`).
     let mut used = 0usize;
 
     loop {
-        while used < options.slots {
+        while used < capacity {
             // An idle pool takes a test however many slots it asks for.
             let free = if running.is_empty() {
                 usize::MAX
             } else {
-                options.slots - used
+                capacity - used
             };
             let Some(job) = scheduler.next_job_within(free) else {
                 break;

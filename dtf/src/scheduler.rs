@@ -54,7 +54,28 @@ pub struct Limits {
     pub group_max: Vec<usize>,
 }
 
+/// A test that took less than this on its last run and on average (as the history records
+/// it) may share a slot with another such test when the run's slots are the default: most of
+/// its time is then the fresh process's start and end, which overlap well (see
+/// [`Limits::in_half_slots`]).
+pub const SHORT: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl Limits {
+    /// The same limits counted in half slots: a test marked in `short` that asks for one slot
+    /// takes one half, every other test two halves per slot it asks for. A runner with `n`
+    /// slots then has `2 × n` halves, and runs up to two short tests per slot.
+    pub fn in_half_slots(mut self, short: &[bool]) -> Limits {
+        for (test, threads) in self.threads.iter_mut().enumerate() {
+            let one = (*threads).max(1);
+            *threads = if one == 1 && short.get(test).copied().unwrap_or(false) {
+                1
+            } else {
+                one * 2
+            };
+        }
+        self
+    }
+
     /// The slots test `test` takes.
     pub fn threads_of(&self, test: usize) -> usize {
         self.threads.get(test).copied().unwrap_or(1).max(1)
@@ -299,6 +320,36 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_half_slots_two_short_tests_share_a_slot_and_others_keep_theirs() {
+        let limits = Limits {
+            threads: vec![1, 1, 1, 2],
+            group: vec![None; 4],
+            group_max: Vec::new(),
+        }
+        .in_half_slots(&[true, true, false, true]);
+        // A test asking for two slots keeps them, short or not.
+        assert_eq!(limits.threads, vec![1, 1, 2, 4]);
+        // One slot (two halves): both short tests start together; the long one waits.
+        let mut s = Scheduler::with_limits(vec![0, 1, 2, 3], &[0; 4], limits.clone());
+        let a = s.next_job_within(2).expect("a short test");
+        let b = s
+            .next_job_within(2 - limits.threads_of(a.test))
+            .expect("a second");
+        assert_eq!((a.test, b.test), (0, 1));
+        assert_eq!(s.next_job_within(0), None, "the slot is full");
+        // With nothing short, half slots change nothing: one test per slot.
+        let plain = Limits {
+            threads: vec![1, 1],
+            group: vec![None; 2],
+            group_max: Vec::new(),
+        }
+        .in_half_slots(&[]);
+        let mut s = Scheduler::with_limits(vec![0, 1], &[0; 2], plain.clone());
+        let first = s.next_job_within(2).expect("a test");
+        assert_eq!(s.next_job_within(2 - plain.threads_of(first.test)), None);
+    }
 
     fn pass() -> Attempt {
         Attempt {

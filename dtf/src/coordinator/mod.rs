@@ -404,6 +404,8 @@ async fn run_on(
         notes.push(format!("dtf: {message}"));
         let local = LocalOptions {
             slots: options.slots,
+            share_short: false,
+            short: Vec::new(),
             fail_fast: options.fail_fast,
             slow: options.slow,
         };
