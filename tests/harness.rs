@@ -676,22 +676,12 @@ fn sleepers_on_one_core(
     let mut run = Background::start(&mut cmd);
     // A test is in its body while its `sleep` grandchild lives: the test starts it first and
     // kills and reaps it last (its own process may outlive the body by a moment).
-    let test_pids = || -> Vec<i32> {
-        let Ok(entries) = std::fs::read_dir(out.path()) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .filter_map(|line| line.split_whitespace().nth(1)?.parse().ok())
-            .collect()
-    };
     let mut most = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while matches!(run.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-        let alive = test_pids()
+        let alive = recorded_pid_pairs(out.path())
             .into_iter()
-            .filter(|&p| process_alive(p))
+            .filter(|&(_, sleep)| process_alive(sleep))
             .count();
         most = most.max(alive);
         std::thread::sleep(Duration::from_millis(5));

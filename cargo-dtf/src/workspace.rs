@@ -998,7 +998,6 @@ fn plan_run(
         local: dtf::runner::LocalOptions {
             slots: settings.slots,
             share_short: settings.default_slots,
-            short: Vec::new(),
             fail_fast: settings.fail_fast,
             slow: settings.slow,
         },

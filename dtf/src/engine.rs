@@ -95,22 +95,20 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
         record_history,
         unchanged_keys,
         workers,
-        mut local,
+        local,
         flaky_fails,
     } = run;
     let (order, shuffle_seed, history) = start_order(&plan, order, &history_file);
-    if local.share_short {
-        local.short = plan
-            .tests
+    // Which tests may share a slot: those the history knows to be short, when the slots are
+    // the default.
+    let short: Vec<bool> = if local.share_short {
+        plan.tests
             .iter()
-            .map(|t| {
-                history.get(&t.name).is_some_and(|r| {
-                    let last = Duration::try_from_secs_f64(r.last_secs).unwrap_or(Duration::MAX);
-                    !r.failed && r.estimate().max(last) < crate::scheduler::SHORT
-                })
-            })
-            .collect();
-    }
+            .map(|t| history.get(&t.name).is_some_and(|r| r.is_short()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     info.shuffle_seed = shuffle_seed;
 
     let started = Instant::now();
@@ -148,7 +146,7 @@ pub async fn execute(run: Run, reporters: &mut Reporters) -> Result<Outcome, Err
         Some(never) => match *never {},
         None => {
             let (reports, ending) =
-                runner::run_local(&plan, order, &sandboxes, &local, reporters).await;
+                runner::run_local(&plan, order, &short, &sandboxes, &local, reporters).await;
             (reports, ending, false)
         }
     };

@@ -203,7 +203,6 @@ async fn run_tests(
         local: LocalOptions {
             slots: config.slots,
             share_short: config.default_slots,
-            short: Vec::new(),
             fail_fast: config.fail_fast,
             slow: config.slow,
         },

@@ -61,6 +61,14 @@ impl Record {
     pub fn estimate(&self) -> Duration {
         Duration::from_secs_f64(self.mean_secs.max(0.0))
     }
+
+    /// True when the test passed last time and took less than [`SHORT`] then and on average.
+    ///
+    /// [`SHORT`]: crate::scheduler::SHORT
+    pub fn is_short(&self) -> bool {
+        let last = Duration::try_from_secs_f64(self.last_secs).unwrap_or(Duration::MAX);
+        !self.failed && self.estimate().max(last) < crate::scheduler::SHORT
+    }
 }
 
 /// One finished test, as the history records it.

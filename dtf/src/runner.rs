@@ -29,12 +29,6 @@ pub struct LocalOptions {
     /// Whether tests known to be short may share a slot (the slots are the default, the core
     /// count, rather than a `--test-threads` or `RUST_TEST_THREADS` the user chose).
     pub share_short: bool,
-    /// `short[i]`: test `i` took less than [`SHORT`] on its last run and on average, as the
-    /// history recorded it, and may share a slot with another such test. Filled by the engine from the
-    /// history when `share_short` is set; empty otherwise.
-    ///
-    /// [`SHORT`]: crate::scheduler::SHORT
-    pub short: Vec<bool>,
     /// Stop at the first failure.
     pub fail_fast: bool,
     /// Notice threshold for slow tests.
@@ -46,9 +40,15 @@ pub struct LocalOptions {
 /// reports of every test that ran or was stopped.
 ///
 /// [`PlannedTest::binary`]: crate::plan::PlannedTest::binary
+///
+/// `short[i]` says test `i` is known to be short (see [`SHORT`]): two such tests share a slot.
+/// Empty when nothing may share.
+///
+/// [`SHORT`]: crate::scheduler::SHORT
 pub async fn run_local(
     plan: &Plan,
     order: Vec<usize>,
+    short: &[bool],
     sandboxes: &[Sandbox],
     options: &LocalOptions,
     reporters: &mut Reporters,
@@ -57,7 +57,7 @@ pub async fn run_local(
     // Counted in half slots: two tests known to be short share one. A forked test that does
     // almost nothing spends its time in its process's start and end, and with one test per
     // core the cores wait on those hand-offs; two per core keep them busy.
-    let limits = plan.limits().in_half_slots(&options.short);
+    let limits = plan.limits().in_half_slots(short);
     let capacity = options.slots.saturating_mul(2);
     let mut scheduler = Scheduler::with_limits(order, &retries, limits);
     let mut running: JoinSet<(Job, Attempt)> = JoinSet::new();

@@ -300,16 +300,23 @@ impl Drop for Background {
 /// The pids recorded by the fixture's `dist_sleep_*` tests in `dir` (`pid-*` files: the test
 /// process and its `sleep` grandchild).
 pub fn recorded_pids(dir: &Path) -> Vec<i32> {
+    recorded_pid_pairs(dir)
+        .into_iter()
+        .flat_map(|(test, sleep)| [test, sleep])
+        .collect()
+}
+
+/// The `(test, sleep grandchild)` pids of each `pid-*` file in `dir`.
+pub fn recorded_pid_pairs(dir: &Path) -> Vec<(i32, i32)> {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
                 .filter(|e| e.file_name().to_string_lossy().starts_with("pid-"))
                 .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .flat_map(|s| {
-                    s.split_whitespace()
-                        .filter_map(|p| p.parse().ok())
-                        .collect::<Vec<i32>>()
+                .filter_map(|s| {
+                    let mut pids = s.split_whitespace().filter_map(|p| p.parse().ok());
+                    Some((pids.next()?, pids.next()?))
                 })
                 .collect()
         })

@@ -405,11 +405,11 @@ async fn run_on(
         let local = LocalOptions {
             slots: options.slots,
             share_short: false,
-            short: Vec::new(),
             fail_fast: options.fail_fast,
             slow: options.slow,
         };
-        let (reports, ending) = runner::run_local(plan, order, sandboxes, &local, reporters).await;
+        let (reports, ending) =
+            runner::run_local(plan, order, &[], sandboxes, &local, reporters).await;
         return Ok(Outcome {
             reports,
             ending,
